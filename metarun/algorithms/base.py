@@ -1,0 +1,60 @@
+"""The algorithm contract, and the per-task loss every algorithm shares.
+
+An algorithm is an nn.Module (so the trainer can own its parameters, optimizer and checkpoint)
+that turns a TaskBatch into `(loss, metrics)`. It never steps an optimizer, moves data or logs.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Protocol
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from metarun.benchmarks.base import Kind, TaskSpec
+from metarun.episodes import TaskBatch
+
+
+class MetaAlgorithm(Protocol):
+    """What the trainer needs from an algorithm (implementations are nn.Modules)."""
+
+    supports: ClassVar[frozenset[Kind]]
+
+    def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        """Scalar meta-training loss (mean over tasks) and detached scalar metrics such as `loss`, `accuracy`."""
+        ...
+
+    def evaluate(self, batch: TaskBatch) -> dict[str, Tensor]:
+        """Per-task metrics, each a [T] tensor; `spec.metric` must be among the keys."""
+        ...
+
+
+def task_loss(spec: TaskSpec, outputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """(loss, metric) of one task's predictions: cross-entropy and accuracy, or MSE and MSE.
+
+    Written for a single task (no task dimension) so it runs unchanged under torch.func.vmap.
+    """
+    if spec.kind == "classification":
+        loss = F.cross_entropy(outputs, targets)
+        accuracy = (outputs.argmax(dim=-1) == targets).to(outputs.dtype).mean()
+        return loss, accuracy
+    loss = F.mse_loss(outputs, targets)
+    return loss, loss
+
+
+def batch_metrics(spec: TaskSpec, losses: Tensor, metric: Tensor) -> dict[str, Tensor]:
+    """Scalar training metrics from per-task values; regression's metric is its loss, so it is logged once."""
+    metrics = {"loss": losses.detach().mean()}
+    if spec.kind == "classification":
+        metrics[spec.metric] = metric.detach().mean()
+    return metrics
+
+
+def incompatibility(algorithm: type, spec: TaskSpec, algo_name: str, bench_name: str) -> str | None:
+    """A one-line reason why `algorithm` cannot run on this benchmark, or None when it can."""
+    supports: frozenset[str] = getattr(algorithm, "supports", frozenset({"classification", "regression"}))
+    if spec.kind in supports:
+        return None
+    alternatives = getattr(algorithm, "alternatives", "algo=maml")
+    return f"algo={algo_name} supports only {'/'.join(sorted(supports))} and benchmark={bench_name} is {spec.kind}; use {alternatives}"
+

@@ -1,0 +1,71 @@
+"""The benchmark contract and the fixed evaluation pools built on it."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import torch
+
+from metarun.episodes import TaskBatch
+
+Kind = Literal["classification", "regression"]
+SPLITS = ("train", "val", "test")
+
+# Pools are drawn in chunks with one generator per chunk, so the tasks of a pool do not depend on
+# how many tasks an evaluation processes at once.
+POOL_CHUNK = 50
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What a benchmark's episodes look like; models and algorithms read it instead of repeating it."""
+
+    name: str
+    kind: Kind
+    input_shape: tuple[int, ...]
+    output_size: int  # ways for classification, target dimension for regression
+    ways: int
+    shots: int
+    queries: int
+
+    @property
+    def metric(self) -> str:
+        return "accuracy" if self.kind == "classification" else "mse"
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.kind == "classification"
+
+    @property
+    def is_image(self) -> bool:
+        return len(self.input_shape) == 3
+
+
+class Benchmark(Protocol):
+    """A task distribution with train/val/test splits."""
+
+    spec: TaskSpec
+
+    def sample(self, split: str, num_tasks: int, generator: torch.Generator) -> TaskBatch:
+        """`num_tasks` episodes of `split`, drawn only from `generator` (never the global RNG)."""
+        ...
+
+
+def pool_seed(base_seed: int, split: str, chunk: int) -> int:
+    """A stable 63-bit seed for chunk `chunk` of a split's pool (Python's hash() is salted per process)."""
+    digest = hashlib.sha256(f"{base_seed}/{split}/{chunk}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def task_pool(benchmark: Benchmark, split: str, num_tasks: int, base_seed: int) -> Iterator[TaskBatch]:
+    """The fixed, seeded pool of `num_tasks` tasks of `split`, in chunks of at most POOL_CHUNK.
+
+    Independent of the training stream and of the run's seed, so every run, algorithm and machine
+    is scored on the same tasks.
+    """
+    for chunk, start in enumerate(range(0, num_tasks, POOL_CHUNK)):
+        generator = torch.Generator().manual_seed(pool_seed(base_seed, split, chunk))
+        yield benchmark.sample(split, min(POOL_CHUNK, num_tasks - start), generator)

@@ -1,0 +1,56 @@
+"""Sine-wave regression (Finn et al. 2017, "Model-Agnostic Meta-Learning", section 5.1).
+
+Each task is y = A sin(x - phi) with A ~ U[0.1, 5], phi ~ U[0, pi], x ~ U[-5, 5].
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from metarun.benchmarks.base import SPLITS, TaskSpec
+from metarun.episodes import TaskBatch
+from metarun.errors import UserInputError
+
+
+class SineBenchmark:
+    """K support and Q query points per task. Splits share the distribution; their generators differ."""
+
+    def __init__(
+        self,
+        shots: int = 10,
+        queries: int = 10,
+        ways: int = 1,
+        amplitude: Sequence[float] = (0.1, 5.0),
+        phase: Sequence[float] = (0.0, math.pi),
+        x_range: Sequence[float] = (-5.0, 5.0),
+        root: str | None = None,
+    ) -> None:
+        if ways != 1:
+            raise UserInputError(f"benchmark=sine is regression with one output, so benchmark.ways must be 1 (got {ways})")
+        for name, value in (("shots", shots), ("queries", queries)):
+            if value < 1:
+                raise UserInputError(f"benchmark.{name} must be a positive integer (got {value})")
+        self.amplitude = (float(amplitude[0]), float(amplitude[1]))
+        self.phase = (float(phase[0]), float(phase[1]))
+        self.x_range = (float(x_range[0]), float(x_range[1]))
+        self.spec = TaskSpec(
+            name="sine", kind="regression", input_shape=(1,), output_size=1, ways=1, shots=shots, queries=queries
+        )
+
+    def sample(self, split: str, num_tasks: int, generator: torch.Generator) -> TaskBatch:
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}")
+        shots, queries = self.spec.shots, self.spec.queries
+
+        def uniform(low_high: tuple[float, float], *shape: int) -> torch.Tensor:
+            low, high = low_high
+            return low + (high - low) * torch.rand(*shape, generator=generator)
+
+        amplitude = uniform(self.amplitude, num_tasks, 1, 1)
+        phase = uniform(self.phase, num_tasks, 1, 1)
+        x = uniform(self.x_range, num_tasks, shots + queries, 1)
+        y = amplitude * torch.sin(x - phase)
+        return TaskBatch(x[:, :shots], y[:, :shots], x[:, shots:], y[:, shots:])

@@ -1,0 +1,153 @@
+"""`metarun train|eval ...`: dispatch only. Hydra parses the overrides; we pre-check them so that a bad
+one is a single line and exit status 2 instead of Hydra's multi-line report and exit 1."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from metarun.errors import UserInputError, closest
+
+USAGE = """\
+usage: metarun <command> [overrides...]
+
+commands:
+  train   train a meta-learner: metarun train algo=maml model=mlp benchmark=sine [key=value ...]
+          sweeps: metarun train -m seed=0,1,2 algo=maml,fomaml
+  eval    score a checkpoint on the fixed test pool: metarun eval ckpt_path=<run>/checkpoints/best.pt
+
+`metarun train --help` lists the config groups and their options; `metarun train --cfg job` prints the
+composed config. Exit status: 0 success, 2 bad input (config or data), 1 internal error
+(HYDRA_FULL_ERROR=1 shows full traces), 130/143 interrupted (last.pt saved)."""
+
+COMMANDS = ("train", "eval")
+_HYDRA_INFO_FLAGS = {"--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc"}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        sys.exit(0 if argv else 2)
+    if argv[0] in ("-V", "--version"):
+        from metarun import __version__
+
+        print(f"metarun {__version__}")
+        return
+    command, args = argv[0], argv[1:]
+    if command not in COMMANDS:
+        _fail(f"unknown command '{command}'{closest(command, COMMANDS)}; commands: {', '.join(COMMANDS)}")
+    _run_hydra(command, args)
+
+
+def _fail(message: str) -> None:
+    from metarun.console import print_error
+
+    print_error(message)
+    sys.exit(2)
+
+
+def _full_errors() -> bool:
+    return os.environ.get("HYDRA_FULL_ERROR") == "1"
+
+
+def _run_hydra(command: str, args: list[str]) -> None:
+    import hydra
+
+    from metarun.config import config_dir
+
+    overrides = [a for a in args if not a.startswith("-")]
+    multirun = "-m" in args or "--multirun" in args
+    if not _HYDRA_INFO_FLAGS.intersection(args):
+        try:
+            precheck(command, overrides, multirun)
+        except UserInputError as ex:
+            if _full_errors():
+                raise
+            _fail(str(ex))
+    if command == "train":
+        args = args + _resume_dir_override(overrides)
+    config_name = "train" if command == "train" else "eval"
+    task = _guarded(_train_task if command == "train" else _eval_task)
+    sys.argv = [f"metarun {command}", *args]
+    hydra.main(config_path=str(config_dir()), config_name=config_name, version_base="1.3")(task)()
+
+
+def precheck(command: str, overrides: list[str], multirun: bool) -> None:
+    """Compose once with the given overrides (first value of each sweep) and validate; raise UserInputError."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException, OverrideParseException
+
+    from metarun.config import config_dir, describe_composition_error, validate
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except OverrideParseException as ex:
+        raise UserInputError(describe_composition_error(ex)) from None
+    single: list[str] = []
+    for override, text in zip(parsed, overrides):
+        if override.is_sweep_override():
+            if not multirun:
+                raise UserInputError(f"'{text}' is a sweep: add -m (metarun {command} -m ...) to run one job per value")
+            if not override.is_discrete_sweep():
+                continue  # a search space (interval): checked when the sweeper samples it
+            text = f"{override.get_key_element()}={next(iter(override.sweep_string_iterator()))}"
+        if override.key_or_group.startswith("hydra"):
+            continue
+        single.append(text)
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            cfg = compose(config_name="train" if command == "train" else "eval", overrides=single)
+    except (HydraException, ValueError) as ex:
+        raise UserInputError(describe_composition_error(ex)) from None
+    except Exception as ex:  # YAML errors from a user's config file, omegaconf errors
+        raise UserInputError(describe_composition_error(ex)) from None
+    finally:
+        GlobalHydra.instance().clear()
+    if command == "train":
+        validate(cfg)
+    elif not cfg.get("ckpt_path"):
+        raise UserInputError("metarun eval needs ckpt_path=<run dir>/checkpoints/best.pt")
+    elif not Path(str(cfg.ckpt_path)).expanduser().is_file():
+        raise UserInputError(f"checkpoint not found: {cfg.ckpt_path} (expected <run dir>/checkpoints/best.pt)")
+
+
+def _resume_dir_override(overrides: list[str]) -> list[str]:
+    """`metarun train ckpt_path=<run>/checkpoints/last.pt` continues in that run's own directory."""
+    ckpt = next((o.split("=", 1)[1] for o in overrides if o.startswith("ckpt_path=")), None)
+    if not ckpt or any(o.startswith("hydra.run.dir=") for o in overrides):
+        return []
+    run_dir = Path(ckpt).expanduser().resolve().parent.parent
+    return [f"hydra.run.dir={run_dir}"] if (run_dir / ".hydra").is_dir() else []
+
+
+def _train_task(cfg) -> float:  # type: ignore[no-untyped-def]
+    from metarun.run import train
+
+    return train(cfg)
+
+
+def _eval_task(cfg) -> float:  # type: ignore[no-untyped-def]
+    from metarun.run import evaluate
+
+    return evaluate(cfg)
+
+
+def _guarded(task):  # type: ignore[no-untyped-def]
+    """Bad input inside a run: one line, exit 2 (Hydra would print a traceback and exit 1)."""
+
+    def wrapper(cfg):  # type: ignore[no-untyped-def]
+        try:
+            return task(cfg)
+        except UserInputError as ex:
+            if _full_errors():
+                raise
+            _fail(str(ex))
+
+    wrapper.__name__ = task.__name__
+    wrapper.__module__ = task.__module__
+    return wrapper

@@ -1,0 +1,212 @@
+"""Where the configs live, and the checks that turn a bad config into one line and exit status 2.
+
+Two layers: a structured schema (dataclasses below) for the sections every run has, and, for
+nodes with a `_target_`, a schema derived from the target's own signature, so a hyperparameter
+is declared exactly once (in the class) and a misspelt key or wrong type is still caught.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import re
+import types
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from metarun.errors import UserInputError, closest
+
+# Keys that run.py passes at the call site; a config must not set them.
+CALL_SITE_KEYWORDS = {"backbone", "spec", "input_shape", "params"}
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def config_dir() -> Path:
+    """The config tree: packaged as `metarun.configs` in a wheel, `configs/` beside `metarun/` in a checkout."""
+    try:
+        packaged = Path(str(resources.files("metarun.configs")))
+        if (packaged / "train.yaml").is_file():
+            return packaged
+    except ModuleNotFoundError:
+        pass
+    return Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass
+class TrainerSchema:
+    steps: int = 20000
+    meta_batch_size: int = 25
+    log_every: int = 50
+    eval_every: int = 2000
+    val_tasks: int = 200
+    eval_tasks: int = 600
+    eval_batch_size: int = 100
+    pool_seed: int = 0
+    checkpoint_every: int = 1000
+    grad_clip: Optional[float] = None
+    optimizer: Any = None
+    scheduler: Any = None
+
+
+@dataclass
+class LoggerSchema:
+    tensorboard: bool = True
+    console: bool = True
+
+
+@dataclass
+class RunSchema:
+    seed: int = 0
+    device: str = "auto"
+    ckpt_path: Optional[str] = None
+    split: Optional[str] = None  # eval only
+    algo: Any = None
+    model: Any = None
+    benchmark: Any = None
+    trainer: TrainerSchema = field(default_factory=TrainerSchema)
+    logger: LoggerSchema = field(default_factory=LoggerSchema)
+    paper: Any = None  # experiment presets record the published figure here
+
+
+POSITIVE_KEYS = (
+    "trainer.steps", "trainer.meta_batch_size", "trainer.log_every", "trainer.eval_every", "trainer.val_tasks",
+    "trainer.eval_tasks", "trainer.eval_batch_size", "trainer.checkpoint_every",
+    "benchmark.ways", "benchmark.shots", "benchmark.queries",
+)
+
+
+def validate(cfg: DictConfig) -> DictConfig:
+    """Check a composed config against the schema; return it typed (e.g. '10' -> 10). Raises UserInputError."""
+    plain = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    schema = OmegaConf.structured(RunSchema)
+    if "hydra" in plain:
+        del plain["hydra"]
+    try:
+        typed = OmegaConf.merge(schema, plain)
+    except OmegaConfBaseException as ex:
+        raise UserInputError(describe_omegaconf_error(ex, schema)) from None
+    for section in ("algo", "model", "benchmark"):
+        if not isinstance(typed[section], DictConfig) or "_target_" not in typed[section]:
+            raise UserInputError(f"config group '{section}' is missing: add {section}=<option> (see metarun train --help)")
+        typed[section] = _check_target_node(typed[section], section)
+    for name in ("optimizer", "scheduler"):
+        node = typed.trainer[name]
+        if node is not None:
+            typed.trainer[name] = _check_target_node(node, f"trainer.{name}")
+    if typed.device not in DEVICES:
+        raise UserInputError(f"device must be one of {', '.join(DEVICES)} (got '{typed.device}')")
+    for key in POSITIVE_KEYS:
+        value = OmegaConf.select(typed, key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise UserInputError(f"{key} must be a positive integer (got {value})")
+    return typed
+
+
+def describe_omegaconf_error(ex: OmegaConfBaseException, schema: DictConfig | None = None) -> str:
+    """One line for an OmegaConf key or type error, with the closest valid key when one is near."""
+    key = getattr(ex, "full_key", None) or ""
+    msg = str(ex).splitlines()[0]
+    if "not in" in msg or "Key '" in msg and "struct" in msg:
+        parent, _, leaf = key.rpartition(".")
+        options = []
+        if schema is not None:
+            node = OmegaConf.select(schema, parent) if parent else schema
+            options = list(node.keys()) if isinstance(node, DictConfig) else []
+        return f"unknown config key '{key}'{closest(leaf, options)}"
+    if "could not be converted" in msg or "Value '" in msg:
+        return f"wrong type for '{key}': {msg}"
+    return f"invalid config at '{key}': {msg}" if key else f"invalid config: {msg}"
+
+
+def _check_target_node(node: DictConfig, path: str) -> DictConfig:
+    """Keys of a `_target_` node must be parameters of the target; values must fit their annotations."""
+    from hydra.utils import get_object
+
+    try:
+        target = get_object(node._target_)
+    except Exception:
+        raise UserInputError(f"{path}._target_ '{node._target_}' cannot be imported; check the spelling") from None
+    init = target.__init__ if inspect.isclass(target) else target
+    signature = inspect.signature(target)
+    try:
+        hints = typing.get_type_hints(init)
+    except Exception:
+        hints = {}
+    accepts_any = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
+    names = [n for n in signature.parameters if n not in CALL_SITE_KEYWORDS]
+    fields = []
+    for key in node.keys():
+        if str(key).startswith("_"):
+            continue
+        if key in CALL_SITE_KEYWORDS:
+            raise UserInputError(f"{path}.{key} is set by metarun from the benchmark; remove it from the config")
+        if key not in signature.parameters:
+            if accepts_any:
+                continue
+            raise UserInputError(f"unknown config key '{path}.{key}'{closest(str(key), names)}; "
+                                 f"{path} accepts: {', '.join(names)}")
+        fields.append((str(key), _omegaconf_type(hints.get(str(key), Any))))
+    schema = OmegaConf.structured(dataclasses.make_dataclass(f"{path}_schema", fields))
+    values = {k: v for k, v in node.items() if not str(k).startswith("_")}
+    try:
+        typed = OmegaConf.merge(schema, values)
+    except OmegaConfBaseException as ex:
+        full_key = f"{path}.{getattr(ex, 'full_key', '')}".rstrip(".")
+        raise UserInputError(f"wrong type for '{full_key}': {str(ex).splitlines()[0]}") from None
+    meta = {k: v for k, v in node.items() if str(k).startswith("_")}
+    return OmegaConf.merge(OmegaConf.create(meta), OmegaConf.create(OmegaConf.to_container(typed)))
+
+
+_PRIMITIVES = (int, float, bool, str)
+
+
+def _omegaconf_type(annotation: Any) -> Any:
+    """The nearest type OmegaConf can check: primitives, Optional primitives and lists of them, else Any."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if annotation in _PRIMITIVES:
+        return annotation
+    if origin in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) == 1:
+            inner = _omegaconf_type(rest[0])
+            return Optional[inner] if inner is not Any else Any
+        return Any
+    if origin in (list, Sequence, typing.Sequence) and len(args) == 1 and args[0] in _PRIMITIVES:
+        return Optional[list[args[0]]]  # type: ignore[valid-type]
+    return Any
+
+
+_OVERRIDE_RE = re.compile(r"Could not override '([^']+)'")
+
+
+def describe_composition_error(ex: Exception) -> str:
+    """One line for an error Hydra raises while composing (unknown option, unknown key, bad syntax, bad YAML)."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+
+    text = str(ex)
+    if isinstance(ex, MissingConfigException) and getattr(ex, "missing_cfg_file", None):
+        group, _, option = str(ex.missing_cfg_file).rpartition("/")
+        options = [o for o in (ex.options or []) if o]
+        if group and options:
+            return (f"unknown {group} '{option}'{closest(option, options)}; "
+                    f"choose one of: {', '.join(sorted(options))}")
+    match = _OVERRIDE_RE.search(text)
+    if match:
+        key = match.group(1)
+        return f"unknown config key '{key}' (see `metarun train --cfg job` for the keys; prefix with + to add one)"
+    if isinstance(ex, OverrideParseException):
+        return f"cannot parse command-line override: {text.splitlines()[0]}"
+    cause = ex.__cause__
+    if cause is not None and "yaml" in type(cause).__module__:
+        where = getattr(cause, "problem_mark", None)
+        return f"malformed YAML{f' at {where}'.replace(chr(10), ' ') if where else ''}: {str(cause).splitlines()[0]}"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return "invalid config: " + (" ".join(lines[:2]) if lines else type(ex).__name__)

@@ -1,0 +1,54 @@
+"""What a person reads on the terminal: the resolved config once, a results table at the end, errors."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.table import Table
+from rich.tree import Tree
+
+console = Console()
+error_console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def print_error(message: str) -> None:
+    """The one line a bad input gets."""
+    error_console.print(f"[bold red]metarun: error:[/] {message}", markup=True)
+    sys.stderr.flush()
+
+
+def print_config(cfg: DictConfig) -> None:
+    """The resolved config as a tree: one branch per group."""
+    tree = Tree("[bold]config")
+    for key, value in cfg.items():
+        if isinstance(value, DictConfig):
+            branch = tree.add(f"[bold cyan]{key}")
+            branch.add(OmegaConf.to_yaml(value).rstrip())
+        else:
+            tree.add(f"{key}: {value}")
+    console.print(tree)
+
+
+def print_results(results: dict[str, Any]) -> None:
+    """The final table: the main metric with its CI, and any per-step breakdown."""
+    metric = results["metric"]
+    table = Table(title=f"{results['split']} result: {results['algo']} / {results['model']} / {results['benchmark']}")
+    table.add_column("metric")
+    table.add_column("mean", justify="right")
+    table.add_column("± 95% CI", justify="right")
+    table.add_column("tasks", justify="right")
+    table.add_column("diverged", justify="right")
+    scale = 100.0 if metric == "accuracy" else 1.0
+    unit = " %" if metric == "accuracy" else ""
+    for key, est in results["metrics"].items():
+        style = "bold" if key == metric else None
+        table.add_row(key + unit, f"{est['mean'] * scale:.4f}", f"{est['ci95'] * scale:.4f}", str(est["tasks"]),
+                      str(est["nonfinite_tasks"]), style=style)
+    console.print(table)
+    bad = results["metrics"][metric]["nonfinite_tasks"]
+    if bad:
+        console.print(f"[yellow]warning: {bad} of {results['tasks']} tasks diverged (non-finite {metric}); "
+                      f"the mean is over the {results['tasks'] - bad} finite ones")

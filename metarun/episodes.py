@@ -1,0 +1,42 @@
+"""TaskBatch: the one typed value that carries a batch of episodes through the system.
+
+Support/query splitting happens exactly once, in a benchmark's sampler; everything
+downstream reads these four tensors, each with a leading task dimension T.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class TaskBatch:
+    """T tasks: support_x [T, S, *input], support_y [T, S] (labels) or [T, S, D] (targets), same for query."""
+
+    support_x: Tensor
+    support_y: Tensor
+    query_x: Tensor
+    query_y: Tensor
+
+    @property
+    def num_tasks(self) -> int:
+        return self.support_x.shape[0]
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "TaskBatch":
+        """Move to `device`; `dtype` converts floating inputs/targets only (labels stay integer)."""
+
+        def move(t: Tensor) -> Tensor:
+            if dtype is not None and t.is_floating_point():
+                return t.to(device=device, dtype=dtype, non_blocking=True)
+            return t.to(device=device, non_blocking=True)
+
+        return TaskBatch(move(self.support_x), move(self.support_y), move(self.query_x), move(self.query_y))
+
+    def slice(self, start: int, stop: int) -> "TaskBatch":
+        """Tasks start..stop-1 (views, no copy): used to chunk a pool for evaluation."""
+        return TaskBatch(
+            self.support_x[start:stop], self.support_y[start:stop], self.query_x[start:stop], self.query_y[start:stop]
+        )

@@ -1,0 +1,35 @@
+"""Score an algorithm on a benchmark's fixed task pool: mean and 95% CI per metric."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from metarun.algorithms.base import MetaAlgorithm
+from metarun.benchmarks.base import Benchmark, task_pool
+from metarun.stats import Estimate, mean_ci95
+
+
+def evaluate_pool(
+    algorithm: MetaAlgorithm,
+    benchmark: Benchmark,
+    split: str,
+    num_tasks: int,
+    pool_seed: int,
+    device: torch.device,
+    batch_size: int,
+) -> dict[str, Estimate]:
+    """Per-task metrics over the pool, reduced to estimates. The algorithm is put in eval mode and back."""
+    was_training = getattr(algorithm, "training", False)
+    algorithm.eval()  # type: ignore[attr-defined]
+    values: dict[str, list[torch.Tensor]] = defaultdict(list)
+    try:
+        for chunk in task_pool(benchmark, split, num_tasks, pool_seed):
+            for start in range(0, chunk.num_tasks, batch_size):
+                batch = chunk.slice(start, start + batch_size).to(device)
+                for key, per_task in algorithm.evaluate(batch).items():
+                    values[key].append(per_task.detach().cpu())
+    finally:
+        algorithm.train(was_training)  # type: ignore[attr-defined]
+    return {key: mean_ci95(torch.cat(parts)) for key, parts in values.items()}

@@ -1,0 +1,1 @@
+"""Backbones: input -> features. Heads belong to algorithms, so one backbone serves every algorithm."""

@@ -1,0 +1,258 @@
+"""The only place that instantiates: config -> benchmark, backbone, algorithm, trainer.
+
+`train(cfg)` and `evaluate(cfg)` return the metric a sweeper tunes (validation metric for train).
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from metarun import config as config_mod
+from metarun.algorithms.base import incompatibility
+from metarun.benchmarks.base import Benchmark
+from metarun.checkpoint import load_checkpoint
+from metarun.console import console, print_config, print_results
+from metarun.errors import UserInputError
+from metarun.evaluation import evaluate_pool
+from metarun.loggers import ConsoleLogger, JsonlLogger, MetricLogger, MultiLogger, TensorBoardLogger
+from metarun.runtime import configure_runtime, resolve_device
+from metarun.stats import Estimate
+from metarun.trainer import EpisodicTrainer, Interrupted, TrainerSettings, write_results
+
+
+def _instantiate(node: DictConfig, path: str, **runtime: Any) -> Any:
+    """instantiate `node`, passing runtime objects (spec, backbone) untouched: Hydra would turn a
+    dataclass keyword into a DictConfig, so the config becomes a partial that we call ourselves.
+    A constructor's ValueError/UserInputError is reported as bad config (one line)."""
+    try:
+        made = instantiate(node, _partial_=True) if runtime else instantiate(node)
+        return made(**runtime) if runtime else made
+    except InstantiationException as ex:
+        cause = ex.__cause__
+        if isinstance(cause, UserInputError):
+            raise cause from None
+        if isinstance(cause, (ValueError, TypeError)):
+            raise UserInputError(f"{path}: {str(cause).splitlines()[0]}") from None
+        raise
+    except (ValueError, TypeError) as ex:
+        if isinstance(ex, UserInputError):
+            raise
+        raise UserInputError(f"{path}: {str(ex).splitlines()[0]}") from None
+
+
+def group_names(cfg: DictConfig) -> dict[str, str]:
+    """The option chosen in each group (maml, mlp, sine), for results and tables."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        choices = HydraConfig.get().runtime.choices
+        return {g: str(choices.get(g)) for g in ("algo", "model", "benchmark")}
+    except ValueError:  # Python API without Hydra: fall back to class names
+        return {g: cfg[g]._target_.rsplit(".", 1)[-1].lower() for g in ("algo", "model", "benchmark")}
+
+
+def build(cfg: DictConfig, names: dict[str, str]) -> tuple[Benchmark, torch.nn.Module]:
+    """Benchmark, then backbone (input shape from the benchmark), then algorithm (task spec from the benchmark)."""
+    benchmark: Benchmark = _instantiate(cfg.benchmark, "benchmark")
+    spec = benchmark.spec
+    reason = incompatibility(get_class(cfg.algo._target_), spec, names["algo"], names["benchmark"])
+    if reason:
+        raise UserInputError(reason)
+    accepts = getattr(get_class(cfg.model._target_), "accepts", frozenset({"vector", "image"}))
+    kind = "image" if spec.is_image else "vector"
+    if kind not in accepts:
+        raise UserInputError(f"model={names['model']} needs {'/'.join(sorted(accepts))} inputs and "
+                             f"benchmark={names['benchmark']} has {kind} inputs; use model=mlp or model=transformer")
+    backbone = _instantiate(cfg.model, "model", input_shape=spec.input_shape)
+    algorithm = _instantiate(cfg.algo, "algo", backbone=backbone, spec=spec)
+    return benchmark, algorithm
+
+
+def _run_dir() -> Path:
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return Path(HydraConfig.get().runtime.output_dir)
+    except ValueError:
+        return Path.cwd()
+
+
+def _results(split: str, estimates: dict[str, Estimate], metric: str, cfg: DictConfig, names: dict[str, str],
+             steps: int, extra: dict[str, Any]) -> dict[str, Any]:
+    main = estimates[metric]
+    return {
+        "metric": metric, "split": split, "mean": main.mean, "ci95": main.ci95, "tasks": main.tasks,
+        "steps": steps, "algo": names["algo"], "model": names["model"], "benchmark": names["benchmark"],
+        "seed": int(cfg.seed), "nonfinite_tasks": main.nonfinite,
+        "metrics": {k: e.as_dict() for k, e in estimates.items()}, **extra,
+    }
+
+
+def _loggers(cfg: DictConfig, run_dir: Path, metric: str, start_step: int | None) -> MetricLogger:
+    sinks: list[MetricLogger] = [JsonlLogger(run_dir / "metrics.jsonl", resume_step=start_step)]
+    if cfg.logger.tensorboard:
+        sinks.append(TensorBoardLogger(run_dir / "tb", resume_step=start_step))
+    if cfg.logger.console:
+        sinks.append(ConsoleLogger(cfg.trainer.steps, start_step or 0, metric, console=console))
+    return MultiLogger(sinks)
+
+
+# Keys that may differ between a checkpoint's config and the command that resumes it.
+_RESUMABLE_CHANGES = ("ckpt_path", "device", "logger", "trainer.steps", "trainer.log_every", "trainer.eval_batch_size")
+
+
+def _config_differences(saved: DictConfig, current: DictConfig) -> list[str]:
+    def flat(node: Any, prefix: str = "") -> dict[str, Any]:
+        if isinstance(node, dict):
+            out: dict[str, Any] = {}
+            for k, v in node.items():
+                out.update(flat(v, f"{prefix}{k}."))
+            return out
+        return {prefix[:-1]: node}
+
+    a, b = flat(OmegaConf.to_container(saved)), flat(OmegaConf.to_container(current))
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        if any(key == p or key.startswith(p + ".") for p in _RESUMABLE_CHANGES):
+            continue
+        if a.get(key) != b.get(key):
+            diffs.append(f"{key}: {a.get(key)!r} in checkpoint vs {b.get(key)!r} now")
+    return diffs
+
+
+def train(cfg: DictConfig) -> float:
+    """Train one run; returns the best validation metric (what a sweeper optimises)."""
+    configure_runtime()
+    cfg = config_mod.validate(cfg)
+    names = group_names(cfg)
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    benchmark, algorithm = build(cfg, names)
+    algorithm.to(device)
+    # optimizer and scheduler configs are partials (_partial_: true): they need runtime objects
+    optimizer = _instantiate(cfg.trainer.optimizer, "trainer.optimizer")(algorithm.parameters())
+    scheduler = (_instantiate(cfg.trainer.scheduler, "trainer.scheduler")(optimizer)
+                 if cfg.trainer.scheduler is not None else None)
+    run_dir = _run_dir()
+    resume = load_checkpoint(cfg.ckpt_path) if cfg.ckpt_path else None
+    if resume is not None:
+        diffs = _config_differences(OmegaConf.create(resume["config"]), cfg)
+        if diffs:
+            raise UserInputError(f"checkpoint {cfg.ckpt_path} was trained with a different config: " + "; ".join(diffs))
+    if cfg.logger.console:
+        print_config(cfg)
+    settings = TrainerSettings(**{k: cfg.trainer[k] for k in TrainerSettings.__dataclass_fields__})
+    logger = _loggers(cfg, run_dir, benchmark.spec.metric, None if resume is None else int(resume["step"]))
+    trainer = EpisodicTrainer(algorithm, benchmark, optimizer, scheduler, settings, logger, run_dir, device,
+                              cfg.seed, OmegaConf.to_yaml(cfg))
+    if resume is not None:
+        trainer.restore(resume)
+    started = time.perf_counter()
+    try:
+        estimates = trainer.fit()
+    except Interrupted as stop:
+        logger.close()
+        command = resume_command(stop.path)
+        console.print(f"[yellow]interrupted after step {stop.step}; saved {stop.path}\nresume with: {command}")
+        sys.exit(128 + stop.signum)
+    except BaseException:
+        logger.close()
+        raise
+    metric = benchmark.spec.metric
+    results = _results("test", estimates, metric, cfg, names, trainer.step, {
+        "best_step": trainer.best.get("step"), "val_best": trainer.best.get("value"),
+        "train_seconds": round(time.perf_counter() - started, 2), "device": str(device),
+    })
+    write_results(run_dir / "results.json", results)
+    logger.log_hparams(_hparams(cfg, names), {f"hparam/test_{metric}": results["mean"],
+                                              f"hparam/val_{metric}": float(trainer.best.get("value", float("nan")))})
+    logger.close()
+    if cfg.logger.console:
+        print_results(results)
+        console.print(f"run directory: {run_dir}")
+    return float(trainer.best.get("value", results["mean"]))
+
+
+def resume_command(ckpt: Path) -> str:
+    """The exact command that continues a run: the original overrides plus ckpt_path."""
+    overrides_file = ckpt.parent.parent / ".hydra" / "overrides.yaml"
+    overrides: list[str] = []
+    if overrides_file.exists():
+        overrides = [o for o in OmegaConf.to_container(OmegaConf.load(overrides_file)) if not str(o).startswith("ckpt_path=")]
+    return shlex.join(["metarun", "train", *map(str, overrides), f"ckpt_path={ckpt}"])
+
+
+def _hparams(cfg: DictConfig, names: dict[str, str]) -> dict[str, Any]:
+    flat: dict[str, Any] = {"seed": cfg.seed, **names}
+    for section in ("algo", "model", "benchmark", "trainer"):
+        for key, value in cfg[section].items():
+            if not str(key).startswith("_") and not isinstance(value, DictConfig):
+                flat[f"{section}.{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat
+
+
+def evaluate(cfg: DictConfig) -> float:
+    """Score a checkpoint on a split's fixed pool; keys given on the command line override the checkpoint's."""
+    configure_runtime()
+    if not cfg.ckpt_path:
+        raise UserInputError("metarun eval needs ckpt_path=<run dir>/checkpoints/best.pt")
+    state = load_checkpoint(cfg.ckpt_path)
+    saved = OmegaConf.create(state["config"])
+    overrides = [o for o in _task_overrides() if not o.startswith(("ckpt_path=", "split="))]
+    merged = OmegaConf.merge(saved, OmegaConf.from_dotlist([o.lstrip("+") for o in overrides if "=" in o]))
+    merged.ckpt_path = cfg.ckpt_path
+    merged.split = cfg.split
+    merged = config_mod.validate(merged)
+    names = _saved_names(Path(cfg.ckpt_path), merged)
+    device = resolve_device(merged.device)
+    benchmark, algorithm = build(merged, names)
+    try:
+        algorithm.load_state_dict(state["model"])
+    except RuntimeError as ex:
+        raise UserInputError(f"checkpoint weights do not fit the configured model: {str(ex).splitlines()[0][:200]}") from None
+    algorithm.to(device)
+    split = cfg.split or "test"
+    if split not in ("train", "val", "test"):
+        raise UserInputError(f"split must be train, val or test (got '{split}')")
+    num_tasks = merged.trainer.eval_tasks if split == "test" else merged.trainer.val_tasks
+    started = time.perf_counter()
+    estimates = evaluate_pool(algorithm, benchmark, split, num_tasks, merged.trainer.pool_seed, device,
+                              merged.trainer.eval_batch_size)
+    metric = benchmark.spec.metric
+    results = _results(split, estimates, metric, merged, names, int(state["step"]), {
+        "checkpoint": str(Path(cfg.ckpt_path).resolve()), "eval_seconds": round(time.perf_counter() - started, 2),
+        "device": str(device),
+    })
+    run_dir = _run_dir()
+    write_results(run_dir / "results.json", results)
+    print_results(results)
+    console.print(f"results: {run_dir / 'results.json'}")
+    return results["mean"]
+
+
+def _task_overrides() -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:
+        return []
+
+
+def _saved_names(ckpt: Path, cfg: DictConfig) -> dict[str, str]:
+    """Group choices of the run that wrote the checkpoint (from its .hydra/hydra.yaml when present)."""
+    hydra_file = ckpt.parent.parent / ".hydra" / "hydra.yaml"
+    if hydra_file.exists():
+        choices = OmegaConf.load(hydra_file).hydra.runtime.choices
+        return {g: str(choices.get(g)) for g in ("algo", "model", "benchmark")}
+    return {g: cfg[g]._target_.rsplit(".", 1)[-1].lower() for g in ("algo", "model", "benchmark")}
+

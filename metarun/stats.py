@@ -1,0 +1,36 @@
+"""Mean and 95% confidence interval over tasks: the one way every number in metarun is reported."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Mean over finite per-task values, 1.96 * std / sqrt(n) half-width, and how many tasks were not finite."""
+
+    mean: float
+    ci95: float
+    tasks: int
+    nonfinite: int
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {"mean": self.mean, "ci95": self.ci95, "tasks": self.tasks, "nonfinite_tasks": self.nonfinite}
+
+
+def mean_ci95(values: Tensor) -> Estimate:
+    """Estimate over tasks. Non-finite values (a diverged adaptation) are counted and left out, never
+    averaged in silently: callers must show `nonfinite` next to the mean."""
+    values = values.detach().double().flatten().cpu()
+    finite = values[torch.isfinite(values)]
+    n = int(finite.numel())
+    nonfinite = int(values.numel()) - n
+    if n == 0:
+        return Estimate(float("nan"), float("nan"), int(values.numel()), nonfinite)
+    mean = float(finite.mean())
+    std = float(finite.std(unbiased=True)) if n > 1 else 0.0
+    return Estimate(mean, 1.96 * std / math.sqrt(n), int(values.numel()), nonfinite)

@@ -1,0 +1,205 @@
+"""EpisodicTrainer: the one training loop every algorithm shares.
+
+Sample a TaskBatch, ask the algorithm for its meta-loss, take an outer step, log, validate on a
+fixed pool, checkpoint; at the end, score the best checkpoint on the fixed test pool.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from metarun.benchmarks.base import Benchmark
+from metarun.checkpoint import load_checkpoint, save_checkpoint
+from metarun.errors import UserInputError
+from metarun.evaluation import evaluate_pool
+from metarun.loggers import MetricLogger
+from metarun.stats import Estimate
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM arrived; the loop stopped at a step boundary and saved last.pt."""
+
+    def __init__(self, signum: int, step: int, path: Path) -> None:
+        super().__init__(f"stopped by signal {signum} after step {step}")
+        self.signum, self.step, self.path = signum, step, path
+
+
+class NonFiniteLoss(UserInputError):
+    """The meta-loss or its gradient became NaN or inf."""
+
+
+@dataclass
+class TrainerSettings:
+    """The trainer section of the config, typed."""
+
+    steps: int
+    meta_batch_size: int
+    log_every: int
+    eval_every: int
+    val_tasks: int
+    eval_tasks: int
+    eval_batch_size: int
+    pool_seed: int
+    checkpoint_every: int
+    grad_clip: float | None
+
+
+class EpisodicTrainer:
+    def __init__(
+        self,
+        algorithm: nn.Module,
+        benchmark: Benchmark,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        settings: TrainerSettings,
+        logger: MetricLogger,
+        run_dir: Path,
+        device: torch.device,
+        seed: int,
+        config_yaml: str,
+    ) -> None:
+        self.algorithm = algorithm
+        self.benchmark = benchmark
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.s = settings
+        self.logger = logger
+        self.device = device
+        self.config_yaml = config_yaml
+        self.ckpt_dir = run_dir / "checkpoints"
+        # The training task stream has its own generator: validation/test pools never touch it.
+        self.generator = torch.Generator().manual_seed(seed)
+        self.metric = benchmark.spec.metric
+        self.higher_is_better = benchmark.spec.higher_is_better
+        self.step = 0
+        self.best: dict[str, float | int] = {}
+        self._signal: int | None = None
+
+    # -- state -------------------------------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "model": self.algorithm.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "rng": {"train": self.generator.get_state(), "torch": torch.get_rng_state()},
+            "best": dict(self.best),
+            "metric": self.metric,
+            "config": self.config_yaml,
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.algorithm.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.generator.set_state(state["rng"]["train"])
+        torch.set_rng_state(state["rng"]["torch"])
+        self.best = dict(state.get("best", {}))
+        self.step = int(state["step"])
+
+    # -- the loop ----------------------------------------------------------------------------------
+
+    def fit(self) -> dict[str, Estimate]:
+        """Train from `self.step` to `steps`; return the test estimates of the best checkpoint."""
+        s = self.s
+        self.algorithm.train()
+        window_metrics: dict[str, list[torch.Tensor]] = {}
+        with _StopOnSignal(self):
+            while self.step < s.steps:
+                batch = self.benchmark.sample("train", s.meta_batch_size, self.generator).to(self.device)
+                loss, metrics = self.algorithm.meta_loss(batch)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if s.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(self.algorithm.parameters(), s.grad_clip)
+                if not math.isfinite(float(loss)):
+                    raise NonFiniteLoss(f"meta-loss is {float(loss)} at step {self.step + 1}; last good checkpoint: "
+                                        f"{self._last_path_or_none()} (lower the learning rate or set trainer.grad_clip)")
+                self.optimizer.step()
+                if self.scheduler is not None:
+                    self.scheduler.step()
+                self.step += 1
+
+                for key, value in metrics.items():
+                    window_metrics.setdefault(key, []).append(value)
+                if self.step % s.log_every == 0 or self.step == s.steps:
+                    logged = {f"train/{k}": float(torch.stack(v).mean()) for k, v in window_metrics.items()}
+                    logged["train/lr"] = self.optimizer.param_groups[0]["lr"]
+                    self.logger.log_metrics(logged, self.step)
+                    window_metrics.clear()
+                if self.step % s.eval_every == 0 or self.step == s.steps:
+                    self._validate()
+                if self.step % s.checkpoint_every == 0 or self.step == s.steps:
+                    save_checkpoint(self.state(), self.ckpt_dir / "last.pt")
+                if self._signal is not None:
+                    save_checkpoint(self.state(), self.ckpt_dir / "last.pt")
+                    raise Interrupted(self._signal, self.step, self.ckpt_dir / "last.pt")
+        return self.test()
+
+    def _validate(self) -> None:
+        estimates = self.evaluate("val", self.s.val_tasks)
+        self.logger.log_metrics({f"val/{k}": e.mean for k, e in estimates.items()}, self.step)
+        value = estimates[self.metric].mean
+        best = self.best.get("value")
+        improved = best is None or (value > best if self.higher_is_better else value < best)
+        if math.isfinite(value) and improved:
+            self.best = {"value": value, "step": self.step}
+            save_checkpoint(self.state(), self.ckpt_dir / "best.pt")
+
+    def evaluate(self, split: str, num_tasks: int) -> dict[str, Estimate]:
+        return evaluate_pool(self.algorithm, self.benchmark, split, num_tasks, self.s.pool_seed, self.device,
+                             self.s.eval_batch_size)
+
+    def test(self) -> dict[str, Estimate]:
+        """Score the best validated weights (the last ones if validation never improved) on the test pool."""
+        best_path = self.ckpt_dir / "best.pt"
+        if best_path.exists():
+            current = {k: v.clone() for k, v in self.algorithm.state_dict().items()}
+            self.algorithm.load_state_dict(load_checkpoint(best_path)["model"])
+            estimates = self.evaluate("test", self.s.eval_tasks)
+            self.algorithm.load_state_dict(current)
+            return estimates
+        return self.evaluate("test", self.s.eval_tasks)
+
+    def _last_path_or_none(self) -> str:
+        path = self.ckpt_dir / "last.pt"
+        return str(path) if path.exists() else "none yet"
+
+
+class _StopOnSignal:
+    """Turn SIGINT/SIGTERM into a flag the loop checks at step boundaries, so a step is never half-saved."""
+
+    def __init__(self, trainer: EpisodicTrainer) -> None:
+        self.trainer = trainer
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> None:
+        def handler(signum: int, frame: Any) -> None:
+            if self.trainer._signal is not None:  # a second Ctrl-C: stop now, last.pt is the previous one
+                raise KeyboardInterrupt
+            self.trainer._signal = signum
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.previous[sig] = signal.signal(sig, handler)
+            except ValueError:  # not the main thread (e.g. a launcher's worker): keep default handling
+                pass
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, previous in self.previous.items():
+            signal.signal(sig, previous)
+
+
+def write_results(path: Path, results: dict[str, Any]) -> None:
+    path.write_text(json.dumps(results, indent=2) + "\n")
+
