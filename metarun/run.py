@@ -77,6 +77,14 @@ def build(cfg: DictConfig, names: dict[str, str]) -> tuple[Benchmark, torch.nn.M
     return benchmark, algorithm
 
 
+def _to_device(benchmark: Benchmark, algorithm: torch.nn.Module, device: torch.device) -> None:
+    """Algorithms move like modules; a benchmark with a tensor store moves it too (episodes built on the device)."""
+    algorithm.to(device)
+    move = getattr(benchmark, "to", None)
+    if callable(move):
+        move(device)
+
+
 def _run_dir() -> Path:
     from hydra.core.hydra_config import HydraConfig
 
@@ -137,7 +145,7 @@ def train(cfg: DictConfig) -> float:
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     benchmark, algorithm = build(cfg, names)
-    algorithm.to(device)
+    _to_device(benchmark, algorithm, device)
     # optimizer and scheduler configs are partials (_partial_: true): they need runtime objects
     optimizer = _instantiate(cfg.trainer.optimizer, "trainer.optimizer")(algorithm.parameters())
     scheduler = (_instantiate(cfg.trainer.scheduler, "trainer.scheduler")(optimizer)
@@ -219,7 +227,7 @@ def evaluate(cfg: DictConfig) -> float:
         algorithm.load_state_dict(state["model"])
     except RuntimeError as ex:
         raise UserInputError(f"checkpoint weights do not fit the configured model: {str(ex).splitlines()[0][:200]}") from None
-    algorithm.to(device)
+    _to_device(benchmark, algorithm, device)
     split = cfg.split or "test"
     if split not in ("train", "val", "test"):
         raise UserInputError(f"split must be train, val or test (got '{split}')")
