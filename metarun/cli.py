@@ -57,7 +57,7 @@ def _run_hydra(command: str, args: list[str]) -> None:
 
     from metarun.config import config_dir
 
-    overrides = [a for a in args if not a.startswith("-")]
+    overrides = _overrides_only(args)
     multirun = "-m" in args or "--multirun" in args
     if not _HYDRA_INFO_FLAGS.intersection(args):
         try:
@@ -72,6 +72,23 @@ def _run_hydra(command: str, args: list[str]) -> None:
     task = _guarded(_train_task if command == "train" else _eval_task)
     sys.argv = [f"metarun {command}", *args]
     hydra.main(config_path=str(config_dir()), config_name=config_name, version_base="1.3")(task)()
+
+
+# Hydra flags that take a value: the value is not an override.
+_VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+                "--config-dir", "-cd", "--experimental-rerun"}
+
+
+def _overrides_only(args: list[str]) -> list[str]:
+    overrides, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg in _VALUE_FLAGS:
+            skip = True
+        elif not arg.startswith("-"):
+            overrides.append(arg)
+    return overrides
 
 
 def precheck(command: str, overrides: list[str], multirun: bool) -> None:
@@ -102,10 +119,8 @@ def precheck(command: str, overrides: list[str], multirun: bool) -> None:
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
             cfg = compose(config_name="train" if command == "train" else "eval", overrides=single)
-    except (HydraException, ValueError) as ex:
-        raise UserInputError(describe_composition_error(ex)) from None
-    except Exception as ex:  # YAML errors from a user's config file, omegaconf errors
-        raise UserInputError(describe_composition_error(ex)) from None
+    except Exception as ex:  # Hydra composition, a user's malformed YAML, omegaconf errors
+        raise UserInputError(_with_suggestion(describe_composition_error(ex), command, single)) from None
     finally:
         GlobalHydra.instance().clear()
     if command == "train":
@@ -114,6 +129,36 @@ def precheck(command: str, overrides: list[str], multirun: bool) -> None:
         raise UserInputError("metarun eval needs ckpt_path=<run dir>/checkpoints/best.pt")
     elif not Path(str(cfg.ckpt_path)).expanduser().is_file():
         raise UserInputError(f"checkpoint not found: {cfg.ckpt_path} (expected <run dir>/checkpoints/best.pt)")
+
+
+def _with_suggestion(message: str, command: str, overrides: list[str]) -> str:
+    """For an unknown key, compose without it and name the closest existing key."""
+    import re
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import DictConfig, OmegaConf
+
+    from metarun.config import config_dir
+
+    match = re.match(r"unknown config key '([^']+)'", message)
+    if not match:
+        return message
+    key = match.group(1)
+    parent, _, leaf = key.rpartition(".")
+    rest = [o for o in overrides if not o.lstrip("+~").startswith(key + "=")]
+    try:
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            cfg = compose(config_name="train" if command == "train" else "eval", overrides=rest)
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        options = [str(k) for k in node.keys()] if isinstance(node, DictConfig) else []
+    except Exception:
+        return message
+    finally:
+        GlobalHydra.instance().clear()
+    hint = closest(leaf, options).replace("'", f"'{parent}.", 1) if parent else closest(leaf, options)
+    return f"unknown config key '{key}'{hint or ' (see `metarun train --cfg job` for the keys)'}"
 
 
 def _resume_dir_override(overrides: list[str]) -> list[str]:

@@ -1,0 +1,111 @@
+"""Omniglot N-way K-shot classification (Lake et al. 2015 data; Vinyals et al. 2016 protocol).
+
+Every image is decoded once into a uint8 store of characters (ink 255, background 0: the 1-bit PNGs
+are inverted, as most papers do, so that after /255 ink is 1), cached on disk; rotations are then
+made from it in memory by `torch.rot90` (counter-clockwise, as the rotDDD of the Vinyals lists), each
+character at each rotation being its own class. Episodes come from EpisodeSampler.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from metarun.benchmarks.base import SPLITS, TaskSpec
+from metarun.benchmarks.decode import DecodeError, Preprocess, decode_all
+from metarun.benchmarks.omniglot_source import OmniglotSource, Split, check_archive, locate, make_split
+from metarun.benchmarks.sampler import EpisodeSampler
+from metarun.benchmarks.store import cached_store
+from metarun.episodes import TaskBatch
+from metarun.errors import UserInputError
+
+
+class OmniglotBenchmark:
+    """Constructor parameters are the `benchmark.*` keys of configs/benchmark/omniglot.yaml.
+
+    split_scheme: `vinyals` (1028/172/423 characters), `lake` (background alphabets train, 5 of them held
+    out seeded for val; evaluation alphabets test) or `random` (seeded 1100/100/423, MAML's code); see
+    omniglot_source. `rotations` multiplies the classes of every split (the Vinyals lists name them).
+    """
+
+    def __init__(
+        self,
+        root: str = "data/omniglot",
+        ways: int = 5,
+        shots: int = 1,
+        queries: int = 15,
+        split_scheme: str = "vinyals",
+        image_size: int = 28,
+        rotations: Sequence[int] = (0, 90, 180, 270),
+        split_seed: int = 0,
+        cache_dir: str | None = None,
+        decode_workers: int = 2,
+    ) -> None:
+        from metarun.console import console
+
+        for name, value in (("ways", ways), ("shots", shots), ("queries", queries), ("image_size", image_size)):
+            if value < 1:
+                raise UserInputError(f"benchmark.{name} must be a positive integer (got {value})")
+        rotations = tuple(int(r) for r in rotations)
+        source = locate(root)
+        split = make_split(source.characters, split_scheme, rotations, split_seed)
+        prep = Preprocess(size=image_size, mode="L", invert=True)
+        started = time.perf_counter()
+        base, _, cache_file, hit = cached_store("omniglot", source.listing(), prep.as_dict(),
+                                                lambda: _decode(source, prep, decode_workers), cache_dir)
+        store, ranges = arrange(base, split)
+        self.sampler = EpisodeSampler(store, ranges, ways, shots, queries, name=f"omniglot ({split_scheme} split)")
+        self.spec = TaskSpec(name="omniglot", kind="classification", input_shape=(1, image_size, image_size),
+                             output_size=ways, ways=ways, shots=shots, queries=queries)
+        counts = "/".join(str(ranges[s][1] - ranges[s][0]) for s in SPLITS)
+        how = "loaded from cache" if hit else f"decoded {base.shape[0] * base.shape[1]} images, cached"
+        console.print(f"{source.describe()}; {split_scheme} split {counts} train/val/test classes at "
+                      f"{image_size}x{image_size}; {how} {cache_file} ({time.perf_counter() - started:.1f} s)",
+                      highlight=False, soft_wrap=True)
+
+    def sample(self, split: str, num_tasks: int, generator: torch.Generator) -> TaskBatch:
+        return self.sampler.sample(split, num_tasks, generator)
+
+    def to(self, device: torch.device | str) -> "OmniglotBenchmark":
+        self.sampler.to(device)
+        return self
+
+
+def _decode(source: OmniglotSource, prep: Preprocess, workers: int) -> tuple[Tensor, dict[str, list[str]]]:
+    """Cache miss: check the archives read from, decode every image, stack as [characters, drawers, 1, S, S]."""
+    for archive in source.archives.values():
+        if str(archive) in source.origins.values():  # only the zips read from; extracted folders have no md5
+            check_archive(archive)
+    counts = {len(c.images) for c in source.characters}
+    if len(counts) != 1:
+        short = min(source.characters, key=lambda c: len(c.images))
+        raise UserInputError(f"omniglot characters must all have the same number of drawings; {short.key} has "
+                             f"{len(short.images)}, others up to {max(counts)} (run `metarun data verify omniglot`)")
+    drawers = counts.pop()
+    refs = [ref for char in source.characters for ref in char.images]
+    try:
+        images = decode_all(refs, prep, workers)
+    except DecodeError as ex:
+        raise UserInputError(f"{ex}; re-download it (`metarun data download omniglot`)") from None
+    stacked = torch.from_numpy(images).view(len(source.characters), drawers, *images.shape[1:])
+    return stacked, {"characters": [c.key for c in source.characters]}
+
+
+def arrange(base: Tensor, split: Split) -> tuple[Tensor, dict[str, tuple[int, int]]]:
+    """The class-indexed store: each split's (character, rotation) classes, contiguous, in split order."""
+    total = sum(len(split[s]) for s in SPLITS)
+    store = torch.empty((total, *base.shape[1:]), dtype=base.dtype)
+    chars = torch.tensor([c for s in SPLITS for c, _ in split[s]], dtype=torch.long)
+    quarter_turns = torch.tensor([r // 90 for s in SPLITS for _, r in split[s]], dtype=torch.long)
+    for k in range(4):
+        where = (quarter_turns == k).nonzero().flatten()
+        if len(where):
+            store.index_copy_(0, where, torch.rot90(base.index_select(0, chars[where]), k, dims=(-2, -1)))
+    ranges, start = {}, 0
+    for name in SPLITS:
+        ranges[name] = (start, start + len(split[name]))
+        start += len(split[name])
+    return store, ranges

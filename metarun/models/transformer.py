@@ -1,0 +1,182 @@
+"""Transformer backbone for both input kinds: image patches (ViT) or vector features (FT-Transformer).
+
+Images follow Dosovitskiy et al., "An Image is Worth 16x16 Words: Transformers for Image Recognition
+at Scale", ICLR 2021: non-overlapping patches, a linear patch embedding, learned position embeddings,
+pre-LayerNorm blocks and a class token (or mean pooling). Vectors follow the feature tokenizer of
+Gorishniy et al., "Revisiting Deep Learning Models for Tabular Data", NeurIPS 2021: feature i becomes
+the token x_i * w_i + b_i, so the bias b_i also tells the blocks which feature a token is.
+
+Everything here must survive what MAML does to it: torch.func.vmap over tasks of torch.func.grad of
+a functional_call, differentiated once more for the second-order meta-gradient. Two consequences:
+
+* Attention is written out as softmax(Q K^T / sqrt(d)) V instead of calling
+  torch.nn.functional.scaled_dot_product_attention. Measured on torch 2.13 (CPU, float32 and
+  float64): SDPA dispatches to `_scaled_dot_product_flash_attention_for_cpu` even with create_graph,
+  and that kernel's backward has no derivative, so second-order MAML raises "derivative for
+  aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented" (with or without
+  vmap); under vmap the kernel also has no batching rule and falls back to a per-task loop. SDPA's
+  math backend and the explicit path both match the per-task float64 reference to ~2e-15; the
+  explicit path needs no global backend switch (tests/test_transformer.py checks it).
+* The patch embedding is a reshape plus a Linear rather than a strided Conv2d: the same function
+  when the patch size divides the image, but a plain matmul under vmap and double backward.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+Pool = Literal["cls", "mean"]
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over the token axis (second to last); any leading dimensions."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        *lead, tokens, width = x.shape
+        head_dim = width // self.heads
+        # [..., L, 3, H, d] -> three [..., H, L, d]
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, head_dim)).movedim(-3, 0).transpose(-2, -3)
+        # Explicit softmax(Q K^T / sqrt(d)) V: twice differentiable and batchable (module docstring).
+        weights = torch.softmax((q * head_dim**-0.5) @ k.transpose(-1, -2), dim=-1)
+        out = (weights @ v).transpose(-2, -3).reshape(*lead, tokens, width)
+        return self.proj(out)
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + Attn(LN(x)), then x + MLP(LN(x)) with GELU."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        hidden = max(1, round(width * mlp_ratio))
+        self.norm1 = nn.LayerNorm(width)
+        self.attn = SelfAttention(width, heads)
+        self.norm2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchTokenizer(nn.Module):
+    """[N, C, H, W] -> [N, (H/p)(W/p), width]: flattened p x p patches, a Linear, and learned positions."""
+
+    def __init__(self, input_shape: Sequence[int], patch: int, width: int) -> None:
+        super().__init__()
+        channels, height, width_px = (int(s) for s in input_shape)
+        if patch < 1 or height % patch or width_px % patch:
+            divisors = [d for d in range(1, math.gcd(height, width_px) + 1) if math.gcd(height, width_px) % d == 0]
+            raise ValueError(f"model.patch={patch} must divide the image size {height}x{width_px}; "
+                             f"choose one of {divisors}")
+        self.patch = patch
+        self.grid = (height // patch, width_px // patch)
+        self.num_tokens = self.grid[0] * self.grid[1]
+        self.embed = nn.Linear(channels * patch * patch, width)
+        self.position = nn.Parameter(torch.randn(self.num_tokens, width) * 0.02)
+
+    def forward(self, x: Tensor) -> Tensor:
+        p, (gh, gw) = self.patch, self.grid
+        *lead, c, _, _ = x.shape
+        n = len(lead)
+        # [..., C, gh, p, gw, p] -> [..., gh, gw, C, p, p]: patches in row-major order, each flattened
+        # channel-major like a Conv2d(kernel=stride=p) weight, so the two embeddings are interchangeable.
+        patches = x.reshape(*lead, c, gh, p, gw, p).permute(*range(n), n + 1, n + 3, n, n + 2, n + 4)
+        return self.embed(patches.flatten(-3).flatten(-3, -2)) + self.position
+
+
+class FeatureTokenizer(nn.Module):
+    """[N, D] -> [N, D, width]: token i = x_i * w_i + b_i (Gorishniy et al. 2021), plus optional
+    Fourier features [sin(f_j x_i), cos(f_j x_i)] mapped to the width by a per-feature linear map.
+
+    The frequencies are fixed octaves f_j = 2^(j - 2) (periods 8*pi, 4*pi, ...), not random: no
+    global RNG draw, identical in every run, and a buffer so .to(), .double() and functional_call
+    (which receives the module's buffers) all see them.
+    """
+
+    def __init__(self, features: int, width: int, fourier_features: int) -> None:
+        super().__init__()
+        bound = width**-0.5
+        self.weight = nn.Parameter(torch.empty(features, width).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(features, width).uniform_(-bound, bound))
+        self.num_tokens = features
+        if fourier_features > 0:
+            self.register_buffer("frequencies", 2.0 ** (torch.arange(fourier_features, dtype=torch.float32) - 2))
+            fan_in = 2 * fourier_features
+            self.fourier = nn.Parameter(torch.empty(features, fan_in, width).uniform_(-fan_in**-0.5, fan_in**-0.5))
+        else:
+            self.fourier = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.unsqueeze(-1)  # [..., D, 1]
+        tokens = x * self.weight + self.bias
+        if self.fourier is not None:
+            angles = x * self.frequencies  # [..., D, F]
+            periodic = torch.cat([angles.sin(), angles.cos()], dim=-1)  # [..., D, 2F]
+            tokens = tokens + (periodic.unsqueeze(-2) @ self.fourier).squeeze(-2)
+        return tokens
+
+
+class Transformer(nn.Module):
+    """Tokens (image patches or vector features), `depth` pre-LN blocks, final LayerNorm, pooled to `width`.
+
+    `pool="cls"` prepends a learned class token and returns its output (ViT); `pool="mean"` averages
+    the token outputs and has no class token.
+    """
+
+    accepts = frozenset({"vector", "image"})
+
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        width: int = 64,
+        depth: int = 2,
+        heads: int = 4,
+        mlp_ratio: float = 2.0,
+        patch: int = 7,
+        pool: Pool = "cls",
+        fourier_features: int = 0,
+    ) -> None:
+        super().__init__()
+        shape = tuple(int(s) for s in input_shape)
+        if width < 1 or heads < 1 or width % heads:
+            raise ValueError(f"model.width ({width}) must be a positive multiple of model.heads ({heads})")
+        if depth < 1:
+            raise ValueError(f"model.depth must be >= 1 (got {depth})")
+        if mlp_ratio <= 0:
+            raise ValueError(f"model.mlp_ratio must be > 0 (got {mlp_ratio})")
+        if pool not in ("cls", "mean"):
+            raise ValueError(f"model.pool must be 'cls' or 'mean' (got {pool!r})")
+        if fourier_features < 0:
+            raise ValueError(f"model.fourier_features must be >= 0, 0 = off (got {fourier_features})")
+        self.tokenizer: nn.Module
+        if len(shape) == 3:
+            self.tokenizer = PatchTokenizer(shape, patch, width)
+        elif len(shape) == 1:
+            self.tokenizer = FeatureTokenizer(shape[0], width, fourier_features)
+        else:
+            raise ValueError(f"model=transformer takes vector (D,) or image (C,H,W) inputs (got shape {shape})")
+        self.input_dims = len(shape)
+        self.pool = pool
+        # The class token's position is its own parameter, so image position embeddings cover patches only.
+        self.cls = nn.Parameter(torch.randn(width) * 0.02) if pool == "cls" else None
+        self.blocks = nn.Sequential(*(Block(width, heads, mlp_ratio) for _ in range(depth)))
+        self.norm = nn.LayerNorm(width)
+        self.out_features = width
+
+    def forward(self, x: Tensor) -> Tensor:
+        tokens = self.tokenizer(x)  # [..., L, width]
+        if self.cls is not None:
+            tokens = torch.cat([self.cls.expand(*tokens.shape[:-2], 1, -1), tokens], dim=-2)
+        tokens = self.norm(self.blocks(tokens))
+        return tokens[..., 0, :] if self.cls is not None else tokens.mean(dim=-2)

@@ -1,0 +1,37 @@
+"""Shared test helpers: run the installed `metarun` command as a user would."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def metarun_command() -> list[str]:
+    """The console script beside this interpreter (what `pip install .` puts on PATH), else `python -m metarun`."""
+    script = Path(sys.executable).parent / "metarun"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "metarun"]
+
+
+def run_metarun(*args: str, cwd: Path | None = None, timeout: float = 300, env: dict[str, str] | None = None):
+    full_env = {**os.environ, "COLUMNS": "200", **(env or {})}
+    full_env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run([*metarun_command(), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env=full_env)
+
+
+def read_results(run_dir: Path) -> dict:
+    return json.loads((run_dir / "results.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One `metarun train debug=smoke` run shared by the tests that only read its outputs."""
+    run_dir = tmp_path_factory.mktemp("smoke") / "run"
+    proc = run_metarun("train", "debug=smoke", f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr
+    return run_dir

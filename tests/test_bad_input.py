@@ -1,0 +1,56 @@
+"""Every bad input gets exit status 2 and one line naming the problem and the fix, never a traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_metarun
+
+CASES = {
+    "unknown group option": (["algo=mamll"], "did you mean 'maml'"),
+    "unknown key": (["trainer.stepz=3"], "did you mean 'trainer.steps'"),
+    "unknown algo key": (["+algo.inner_lrr=0.1"], "did you mean 'inner_lr'"),
+    "wrong type": (["trainer.steps=abc"], "trainer.steps"),
+    "wrong type in algo": (["algo.inner_lr=fast"], "algo.inner_lr"),
+    "zero shots": (["benchmark.shots=0"], "benchmark.shots must be a positive integer"),
+    "negative steps": (["trainer.steps=-1"], "trainer.steps must be a positive integer"),
+    "zero meta-batch": (["trainer.meta_batch_size=0"], "trainer.meta_batch_size"),
+    "sweep without -m": (["seed=0,1"], "add -m"),
+    "bad device": (["device=tpu"], "device must be one of"),
+    "bad override syntax": (["trainer.steps=[1"], "cannot parse"),
+}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_bad_train_input_is_one_line_exit_2(name: str, tmp_path: Path) -> None:
+    args, expected = CASES[name]
+    proc = run_metarun("train", *args, "debug=smoke", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert expected in lines[0], lines[0]
+
+
+@pytest.mark.parametrize(
+    "args,expected",
+    [([], "needs ckpt_path"), (["ckpt_path=/does/not/exist.pt"], "checkpoint not found")],
+)
+def test_bad_eval_input_is_one_line_exit_2(args: list[str], expected: str) -> None:
+    proc = run_metarun("eval", *args)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and expected in proc.stderr
+
+
+def test_unknown_command() -> None:
+    proc = run_metarun("trian")
+    assert proc.returncode == 2 and "did you mean 'train'" in proc.stderr
+
+
+def test_corrupt_checkpoint_is_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "last.pt"
+    bad.write_bytes(b"not a checkpoint")
+    proc = run_metarun("eval", f"ckpt_path={bad}")
+    assert proc.returncode == 2 and "cannot read checkpoint" in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0
