@@ -16,12 +16,14 @@ commands:
   train   train a meta-learner: metarun train algo=maml model=mlp benchmark=sine [key=value ...]
           sweeps: metarun train -m seed=0,1,2 algo=maml,fomaml
   eval    score a checkpoint on the fixed test pool: metarun eval ckpt_path=<run>/checkpoints/best.pt
+  data    get and check datasets: metarun data download omniglot root=PATH; metarun data verify omniglot root=PATH
+          (metarun data --help for more)
 
 `metarun train --help` lists the config groups and their options; `metarun train --cfg job` prints the
 composed config. Exit status: 0 success, 2 bad input (config or data), 1 internal error
 (HYDRA_FULL_ERROR=1 shows full traces), 130/143 interrupted (last.pt saved)."""
 
-COMMANDS = ("train", "eval")
+COMMANDS = ("train", "eval", "data")
 _HYDRA_INFO_FLAGS = {"--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc"}
 
 
@@ -38,6 +40,10 @@ def main(argv: list[str] | None = None) -> None:
     command, args = argv[0], argv[1:]
     if command not in COMMANDS:
         _fail(f"unknown command '{command}'{closest(command, COMMANDS)}; commands: {', '.join(COMMANDS)}")
+    if command == "data":  # not a Hydra app: no config to compose
+        from metarun.data_cli import main as data_main
+
+        return data_main(args)
     _run_hydra(command, args)
 
 
@@ -123,12 +129,28 @@ def precheck(command: str, overrides: list[str], multirun: bool) -> None:
         raise UserInputError(_with_suggestion(describe_composition_error(ex), command, single)) from None
     finally:
         GlobalHydra.instance().clear()
+    _check_output_dir(overrides, multirun, command)
     if command == "train":
         validate(cfg)
     elif not cfg.get("ckpt_path"):
         raise UserInputError("metarun eval needs ckpt_path=<run dir>/checkpoints/best.pt")
     elif not Path(str(cfg.ckpt_path)).expanduser().is_file():
         raise UserInputError(f"checkpoint not found: {cfg.ckpt_path} (expected <run dir>/checkpoints/best.pt)")
+
+
+def _check_output_dir(overrides: list[str], multirun: bool, command: str) -> None:
+    """Hydra creates the run directory before any of our code runs; an unwritable one would be a traceback."""
+    key = "hydra.sweep.dir=" if multirun else "hydra.run.dir="
+    chosen = next((o.split("=", 1)[1] for o in overrides if o.startswith(key)), None)
+    target = Path(chosen).expanduser() if chosen and "${" not in chosen else Path.cwd() / (
+        "multirun" if multirun else f"outputs/{command}")
+    target = target.absolute()
+    existing = target
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserInputError(f"cannot write the output directory {target} ({existing} is not a writable directory); "
+                             f"choose another with {key}PATH or run from a writable directory")
 
 
 def _with_suggestion(message: str, command: str, overrides: list[str]) -> str:

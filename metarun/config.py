@@ -51,6 +51,7 @@ class TrainerSchema:
     pool_seed: int = 0
     checkpoint_every: int = 1000
     grad_clip: Optional[float] = None
+    on_nan: str = "stop"
     optimizer: Any = None
     scheduler: Any = None
 
@@ -100,6 +101,8 @@ def validate(cfg: DictConfig) -> DictConfig:
         node = typed.trainer[name]
         if node is not None:
             typed.trainer[name] = _check_target_node(node, f"trainer.{name}")
+    if typed.trainer.on_nan not in ("stop", "skip"):
+        raise UserInputError(f"trainer.on_nan must be 'stop' or 'skip' (got '{typed.trainer.on_nan}')")
     if typed.device not in DEVICES:
         raise UserInputError(f"device must be one of {', '.join(DEVICES)} (got '{typed.device}')")
     for key in POSITIVE_KEYS:

@@ -170,7 +170,8 @@ def train(cfg: DictConfig) -> float:
     except Interrupted as stop:
         logger.close()
         command = resume_command(stop.path)
-        console.print(f"[yellow]interrupted after step {stop.step}; saved {stop.path}\nresume with: {command}")
+        console.print(f"[yellow]interrupted after step {stop.step}; saved {stop.path}")
+        console.print(f"resume with: {command}", soft_wrap=True, markup=False, highlight=False)
         sys.exit(128 + stop.signum)
     except BaseException:
         logger.close()

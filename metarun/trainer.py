@@ -50,6 +50,7 @@ class TrainerSettings:
     pool_seed: int
     checkpoint_every: int
     grad_clip: float | None
+    on_nan: str  # "stop": one-line error naming the step; "skip": drop the batch and count it
 
 
 class EpisodicTrainer:
@@ -80,6 +81,9 @@ class EpisodicTrainer:
         self.metric = benchmark.spec.metric
         self.higher_is_better = benchmark.spec.higher_is_better
         self.step = 0
+        self.nan_skips = 0
+        # per-step training metrics since the last log line; checkpointed so a resumed run logs the same means
+        self.window: dict[str, list[torch.Tensor]] = {}
         self.best: dict[str, float | int] = {}
         self._signal: int | None = None
 
@@ -93,6 +97,8 @@ class EpisodicTrainer:
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "rng": {"train": self.generator.get_state(), "torch": torch.get_rng_state()},
             "best": dict(self.best),
+            "nan_skips": self.nan_skips,
+            "window": {k: torch.stack(v).cpu() for k, v in self.window.items()},
             "metric": self.metric,
             "config": self.config_yaml,
         }
@@ -105,6 +111,8 @@ class EpisodicTrainer:
         self.generator.set_state(state["rng"]["train"])
         torch.set_rng_state(state["rng"]["torch"])
         self.best = dict(state.get("best", {}))
+        self.nan_skips = int(state.get("nan_skips", 0))
+        self.window = {k: list(v.to(self.device).unbind()) for k, v in state.get("window", {}).items()}
         self.step = int(state["step"])
 
     # -- the loop ----------------------------------------------------------------------------------
@@ -113,30 +121,31 @@ class EpisodicTrainer:
         """Train from `self.step` to `steps`; return the test estimates of the best checkpoint."""
         s = self.s
         self.algorithm.train()
-        window_metrics: dict[str, list[torch.Tensor]] = {}
         with _StopOnSignal(self):
             while self.step < s.steps:
                 batch = self.benchmark.sample("train", s.meta_batch_size, self.generator).to(self.device)
                 loss, metrics = self.algorithm.meta_loss(batch)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                if s.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(self.algorithm.parameters(), s.grad_clip)
-                if not math.isfinite(float(loss)):
-                    raise NonFiniteLoss(f"meta-loss is {float(loss)} at step {self.step + 1}; last good checkpoint: "
-                                        f"{self._last_path_or_none()} (lower the learning rate or set trainer.grad_clip)")
+                grad_norm = self._grad_norm()
+                if not bool(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)):
+                    self._on_nonfinite(float(loss.detach()), float(grad_norm))
+                    continue
                 self.optimizer.step()
                 if self.scheduler is not None:
                     self.scheduler.step()
                 self.step += 1
 
+                metrics = {**metrics, "grad_norm": grad_norm}
                 for key, value in metrics.items():
-                    window_metrics.setdefault(key, []).append(value)
+                    self.window.setdefault(key, []).append(value.detach())
                 if self.step % s.log_every == 0 or self.step == s.steps:
-                    logged = {f"train/{k}": float(torch.stack(v).mean()) for k, v in window_metrics.items()}
+                    logged = {f"train/{k}": float(torch.stack(v).mean()) for k, v in self.window.items()}
                     logged["train/lr"] = self.optimizer.param_groups[0]["lr"]
+                    if self.nan_skips:
+                        logged["train/nan_skips"] = self.nan_skips
                     self.logger.log_metrics(logged, self.step)
-                    window_metrics.clear()
+                    self.window.clear()
                 if self.step % s.eval_every == 0 or self.step == s.steps:
                     self._validate()
                 if self.step % s.checkpoint_every == 0 or self.step == s.steps:
@@ -145,6 +154,25 @@ class EpisodicTrainer:
                     save_checkpoint(self.state(), self.ckpt_dir / "last.pt")
                     raise Interrupted(self._signal, self.step, self.ckpt_dir / "last.pt")
         return self.test()
+
+    def _grad_norm(self) -> torch.Tensor:
+        """Global gradient norm (clipped to grad_clip when set): logged, and checked for NaN/inf."""
+        params = [p for p in self.algorithm.parameters() if p.grad is not None]
+        if self.s.grad_clip is not None:
+            return torch.nn.utils.clip_grad_norm_(params, self.s.grad_clip)
+        return torch.nn.utils.get_total_norm([p.grad for p in params])
+
+    def _on_nonfinite(self, loss: float, grad_norm: float) -> None:
+        """NaN/inf in the loss or gradients: stop with one line, or skip the batch (trainer.on_nan=skip)."""
+        what = f"meta-loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
+        if self.s.on_nan != "skip":
+            raise NonFiniteLoss(f"{what} at step {self.step + 1}; last good checkpoint: {self._last_path_or_none()} "
+                                f"(lower the learning rate, set trainer.grad_clip, or trainer.on_nan=skip)")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.nan_skips += 1
+        if self.nan_skips > max(100, self.s.steps // 10):
+            raise NonFiniteLoss(f"{self.nan_skips} batches skipped for NaN/inf by step {self.step}: training diverged; "
+                                f"last good checkpoint: {self._last_path_or_none()}")
 
     def _validate(self) -> None:
         estimates = self.evaluate("val", self.s.val_tasks)
