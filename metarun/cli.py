@@ -16,6 +16,8 @@ commands:
   train   train a meta-learner: metarun train algo=maml model=mlp benchmark=sine [key=value ...]
           sweeps: metarun train -m seed=0,1,2 algo=maml,fomaml
   eval    score a checkpoint on the fixed test pool: metarun eval ckpt_path=<run>/checkpoints/best.pt
+  report  tabulate results over seeds: metarun report outputs/ multirun/ [--format md|csv|json -o FILE]
+  check   CI regression guard: metarun check results.json --baseline baseline.json [--update]
   data    get and check datasets: metarun data download omniglot root=PATH; metarun data verify omniglot root=PATH
           (metarun data --help for more)
 
@@ -23,7 +25,7 @@ commands:
 composed config. Exit status: 0 success, 2 bad input (config or data), 1 internal error
 (HYDRA_FULL_ERROR=1 shows full traces), 130/143 interrupted (last.pt saved)."""
 
-COMMANDS = ("train", "eval", "data")
+COMMANDS = ("train", "eval", "report", "check", "data")
 _HYDRA_INFO_FLAGS = {"--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc"}
 
 
@@ -40,11 +42,19 @@ def main(argv: list[str] | None = None) -> None:
     command, args = argv[0], argv[1:]
     if command not in COMMANDS:
         _fail(f"unknown command '{command}'{closest(command, COMMANDS)}; commands: {', '.join(COMMANDS)}")
-    if command == "data":  # not a Hydra app: no config to compose
-        from metarun.data_cli import main as data_main
+    if command in ("train", "eval"):
+        _run_hydra(command, args)
+        return
+    # plain commands: no config to compose
+    from importlib import import_module
 
-        return data_main(args)
-    _run_hydra(command, args)
+    module = import_module({"report": "metarun.report", "check": "metarun.check", "data": "metarun.data_cli"}[command])
+    try:
+        module.main(args)
+    except UserInputError as ex:
+        if _full_errors():
+            raise
+        _fail(str(ex))
 
 
 def _fail(message: str) -> None:
