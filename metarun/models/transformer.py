@@ -7,8 +7,16 @@ Gorishniy et al., "Revisiting Deep Learning Models for Tabular Data", NeurIPS 20
 the token x_i * w_i + b_i, so the bias b_i also tells the blocks which feature a token is.
 
 Everything here must survive what MAML does to it: torch.func.vmap over tasks of torch.func.grad of
-a functional_call, differentiated once more for the second-order meta-gradient. Two consequences:
+a functional_call, differentiated once more for the second-order meta-gradient. Three consequences,
+each checked against the per-task float64 reference in tests/test_transformer.py:
 
+* LayerNorm applies its affine weight and bias outside the fused kernel (`LayerNorm` below).
+  Measured on torch 2.13 (CPU, float64): with the weight inside `F.layer_norm`, the vmapped
+  second-order meta-gradient of every parameter *before* the norm is wrong when the weight is a
+  per-task (adapted) tensor: 2e-3 to 2e-1 relative error in this model (worst parameter, 1 or 2
+  inner steps), 1.7e-1 in a one-layer probe. First order, the same code without vmap, and the
+  norm without the weight are exact (~1e-15), as is this model with the split LayerNorm (<5e-15);
+  compare pytorch/functorch#534 (layer_norm backward batching rule wrong for grad_input).
 * Attention is written out as softmax(Q K^T / sqrt(d)) V instead of calling
   torch.nn.functional.scaled_dot_product_attention. Measured on torch 2.13 (CPU, float32 and
   float64): SDPA dispatches to `_scaled_dot_product_flash_attention_for_cpu` even with create_graph,
@@ -28,6 +36,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 Pool = Literal["cls", "mean"]
@@ -53,15 +62,29 @@ class SelfAttention(nn.Module):
         return self.proj(out)
 
 
+class LayerNorm(nn.Module):
+    """LayerNorm over the last dimension with the affine part as separate ops: correct under vmap
+    with double backward, where the fused affine LayerNorm is not (module docstring)."""
+
+    def __init__(self, width: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(width))
+        self.bias = nn.Parameter(torch.zeros(width))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.layer_norm(x, x.shape[-1:], eps=self.eps) * self.weight + self.bias
+
+
 class Block(nn.Module):
     """Pre-LayerNorm transformer block: x + Attn(LN(x)), then x + MLP(LN(x)) with GELU."""
 
     def __init__(self, width: int, heads: int, mlp_ratio: float) -> None:
         super().__init__()
         hidden = max(1, round(width * mlp_ratio))
-        self.norm1 = nn.LayerNorm(width)
+        self.norm1 = LayerNorm(width)
         self.attn = SelfAttention(width, heads)
-        self.norm2 = nn.LayerNorm(width)
+        self.norm2 = LayerNorm(width)
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -109,7 +132,6 @@ class FeatureTokenizer(nn.Module):
         bound = width**-0.5
         self.weight = nn.Parameter(torch.empty(features, width).uniform_(-bound, bound))
         self.bias = nn.Parameter(torch.empty(features, width).uniform_(-bound, bound))
-        self.num_tokens = features
         if fourier_features > 0:
             self.register_buffer("frequencies", 2.0 ** (torch.arange(fourier_features, dtype=torch.float32) - 2))
             fan_in = 2 * fourier_features
@@ -123,7 +145,9 @@ class FeatureTokenizer(nn.Module):
         if self.fourier is not None:
             angles = x * self.frequencies  # [..., D, F]
             periodic = torch.cat([angles.sin(), angles.cos()], dim=-1)  # [..., D, 2F]
-            tokens = tokens + (periodic.unsqueeze(-2) @ self.fourier).squeeze(-2)
+            # Per-feature map [..., D, 2F] x [D, 2F, width]: einsum batches it as D matmuls over all
+            # rows, where `periodic.unsqueeze(-2) @ self.fourier` would be N*D products of one row each.
+            tokens = tokens + torch.einsum("...df,dfw->...dw", periodic, self.fourier)
         return tokens
 
 
@@ -145,7 +169,7 @@ class Transformer(nn.Module):
         mlp_ratio: float = 2.0,
         patch: int = 7,
         pool: Pool = "cls",
-        fourier_features: int = 0,
+        fourier_features: int = 8,
     ) -> None:
         super().__init__()
         shape = tuple(int(s) for s in input_shape)
@@ -166,12 +190,11 @@ class Transformer(nn.Module):
             self.tokenizer = FeatureTokenizer(shape[0], width, fourier_features)
         else:
             raise ValueError(f"model=transformer takes vector (D,) or image (C,H,W) inputs (got shape {shape})")
-        self.input_dims = len(shape)
         self.pool = pool
         # The class token's position is its own parameter, so image position embeddings cover patches only.
         self.cls = nn.Parameter(torch.randn(width) * 0.02) if pool == "cls" else None
         self.blocks = nn.Sequential(*(Block(width, heads, mlp_ratio) for _ in range(depth)))
-        self.norm = nn.LayerNorm(width)
+        self.norm = LayerNorm(width)
         self.out_features = width
 
     def forward(self, x: Tensor) -> Tensor:
