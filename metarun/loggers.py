@@ -18,6 +18,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 class MetricLogger(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
 
+    def log_images(self, images: dict[str, Any], step: int) -> None: ...
+
     def log_hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None: ...
 
     def close(self) -> None: ...
@@ -40,6 +42,9 @@ class JsonlLogger:
         self.handle.write(json.dumps({"step": step, **metrics}) + "\n")
         self.handle.flush()
 
+    def log_images(self, images: dict[str, Any], step: int) -> None:
+        pass  # pictures go to TensorBoard only
+
     def log_hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
         pass  # hparams live in .hydra/config.yaml and results.json
 
@@ -59,6 +64,10 @@ class TensorBoardLogger:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         for key, value in metrics.items():
             self.writer.add_scalar(key, value, step)
+
+    def log_images(self, images: dict[str, Any], step: int) -> None:
+        for key, image in images.items():
+            self.writer.add_image(key, image, step)  # [3, H, W] in [0, 1]
 
     def log_hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
         from torch.utils.tensorboard.summary import hparams as hparams_summary
@@ -107,6 +116,9 @@ class ConsoleLogger:
             fields["val"] = f"{self.metric} {metrics[f'val/{self.metric}']:.4g}"
         self.progress.update(self.task, completed=step, **fields)
 
+    def log_images(self, images: dict[str, Any], step: int) -> None:
+        pass
+
     def log_hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
         pass
 
@@ -123,6 +135,10 @@ class MultiLogger:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         for logger in self.loggers:
             logger.log_metrics(metrics, step)
+
+    def log_images(self, images: dict[str, Any], step: int) -> None:
+        for logger in self.loggers:
+            logger.log_images(images, step)
 
     def log_hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
         for logger in self.loggers:

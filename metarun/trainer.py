@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from metarun.benchmarks.base import Benchmark
+from metarun.benchmarks.base import Benchmark, task_pool
 from metarun.checkpoint import load_checkpoint, save_checkpoint
 from metarun.errors import UserInputError
 from metarun.evaluation import evaluate_pool
@@ -177,12 +177,27 @@ class EpisodicTrainer:
     def _validate(self) -> None:
         estimates = self.evaluate("val", self.s.val_tasks)
         self.logger.log_metrics({f"val/{k}": e.mean for k, e in estimates.items()}, self.step)
+        self._log_pictures()
         value = estimates[self.metric].mean
         best = self.best.get("value")
         improved = best is None or (value > best if self.higher_is_better else value < best)
         if math.isfinite(value) and improved:
             self.best = {"value": value, "step": self.step}
             save_checkpoint(self.state(), self.ckpt_dir / "best.pt")
+
+    def _log_pictures(self) -> None:
+        """Algorithms that can draw (attention maps, adapted curves) do so on one fixed validation episode."""
+        visualize = getattr(self.algorithm, "visualize", None)
+        if visualize is None:
+            return
+        episode = next(task_pool(self.benchmark, "val", 1, self.s.pool_seed)).to(self.device)
+        self.algorithm.eval()
+        try:
+            images = visualize(episode)
+        finally:
+            self.algorithm.train()
+        if images:
+            self.logger.log_images(images, self.step)
 
     def evaluate(self, split: str, num_tasks: int) -> dict[str, Estimate]:
         return evaluate_pool(self.algorithm, self.benchmark, split, num_tasks, self.s.pool_seed, self.device,

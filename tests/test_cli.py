@@ -25,11 +25,14 @@ def test_smoke_train_writes_the_run_directory(smoke_run: Path) -> None:
 def test_tensorboard_events_read_back(smoke_run: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(smoke_run / "tb"))
+    events = EventAccumulator(str(smoke_run / "tb"), size_guidance={"images": 0})
     events.Reload()
     scalars = set(events.Tags()["scalars"])
-    assert {"train/loss", "val/mse"} <= scalars
+    assert {"train/loss", "val/mse", "hparam/test_mse"} <= scalars
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2]
+    # the adapted sine curve of a fixed validation episode, drawn as a picture
+    image = events.Images("val/adaptation")[-1]
+    assert image.step == 2 and image.width > 100 and image.height > 100
 
 
 def test_eval_scores_a_checkpoint_with_the_same_keys(smoke_run: Path, tmp_path: Path) -> None:

@@ -104,6 +104,11 @@ class MAML(nn.Module):
                                          self.first_order, every_step=False)
 
         losses, metric = vmap(one_task)(batch.support_x, batch.support_y, batch.query_x, batch.query_y)
+        # A buffer cannot be written under vmap, so a backbone with running statistics (model=cnn with
+        # bn=inductive) updates them here, outside it, from the meta-batch's images.
+        update_running_stats = getattr(self.net.backbone, "update_running_stats", None)
+        if self.training and update_running_stats is not None:
+            update_running_stats(batch.support_x, batch.query_x)
         return losses.mean(), batch_metrics(self.spec, losses, metric)
 
     @torch.no_grad()
@@ -124,3 +129,27 @@ class MAML(nn.Module):
         out = {f"{name}@{k}": metric[:, k] for k in range(metric.shape[1])}
         out[name] = metric[:, -1]
         return out
+
+    @torch.no_grad()
+    def visualize(self, batch: TaskBatch) -> dict[str, Tensor]:
+        """For 1-D regression (sine): the model's curve before and after adaptation on the first task,
+        against its support and query points. Other benchmarks: nothing to draw."""
+        if self.spec.kind != "regression" or self.spec.input_shape != (1,):
+            return {}
+        from metarun.plotting import curve_plot
+
+        params = {k: v.detach() for k, v in self.net.named_parameters()}
+        sx, sy, qx, qy = batch.support_x[0], batch.support_y[0], batch.query_x[0], batch.query_y[0]
+        grid = torch.linspace(-5.0, 5.0, 200, dtype=sx.dtype, device=sx.device).unsqueeze(-1)
+        curves = {"before adaptation": (self._call(self.net, params, grid), (90, 90, 230))}
+        fast = params
+        for step in range(1, self.eval_inner_steps + 1):
+            grads = grad(lambda p: task_loss(self.spec, self._call(self.net, p, sx), sy)[0])(fast)
+            fast = {k: p - self.eval_inner_lr * grads[k] for k, p in fast.items()}
+            if step in (1, self.eval_inner_steps):
+                shade = (40, 170, 40) if step == self.eval_inner_steps else (150, 210, 150)
+                curves[f"after {step} step{'s' if step > 1 else ''}"] = (self._call(self.net, fast, grid), shade)
+        numpy_curves = {k: (v.squeeze(-1).cpu().numpy(), c) for k, (v, c) in curves.items()}
+        points = {"query (true)": (qx.squeeze(-1).cpu().numpy(), qy.squeeze(-1).cpu().numpy(), (0, 0, 0)),
+                  "support": (sx.squeeze(-1).cpu().numpy(), sy.squeeze(-1).cpu().numpy(), (220, 40, 40))}
+        return {"val/adaptation": curve_plot(grid.squeeze(-1).cpu().numpy(), numpy_curves, points)}
