@@ -83,7 +83,7 @@ def _run_hydra(command: str, args: list[str]) -> None:
                 raise
             _fail(str(ex))
     if command == "train":
-        args = args + _resume_dir_override(overrides)
+        args = args + _resume_dir_override(overrides) + _torchrun_dir_override(overrides)
     config_name = "train" if command == "train" else "eval"
     task = _guarded(_train_task if command == "train" else _eval_task)
     sys.argv = [f"metarun {command}", *args]
@@ -200,6 +200,15 @@ def _resume_dir_override(overrides: list[str]) -> list[str]:
         return []
     run_dir = Path(ckpt).expanduser().resolve().parent.parent
     return [f"hydra.run.dir={run_dir}"] if (run_dir / ".hydra").is_dir() else []
+
+
+def _torchrun_dir_override(overrides: list[str]) -> list[str]:
+    """Under torchrun every rank composes its own config; one shared run directory (the launch's id, not a
+    per-process timestamp) keeps rank 0's outputs where the others expect them."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 or not run_id or any(o.startswith("hydra.") for o in overrides):
+        return []
+    return [f"hydra.run.dir=outputs/train/torchrun-{run_id}"]
 
 
 def _train_task(cfg) -> float:  # type: ignore[no-untyped-def]

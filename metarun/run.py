@@ -21,6 +21,7 @@ from metarun.algorithms.base import incompatibility
 from metarun.benchmarks.base import Benchmark
 from metarun.checkpoint import load_checkpoint
 from metarun.console import console, print_config, print_results
+from metarun.distributed import Distributed
 from metarun.errors import UserInputError
 from metarun.evaluation import evaluate_pool
 from metarun.loggers import ConsoleLogger, JsonlLogger, MetricLogger, MultiLogger, TensorBoardLogger
@@ -151,6 +152,10 @@ def train(cfg: DictConfig) -> float:
     scheduler = (_instantiate(cfg.trainer.scheduler, "trainer.scheduler")(optimizer)
                  if cfg.trainer.scheduler is not None else None)
     run_dir = _run_dir()
+    distributed = Distributed(device)
+    distributed.check_divides(cfg.trainer.meta_batch_size)
+    if not distributed.is_main:  # other ranks of torchrun: train their share, write nothing
+        cfg.logger.console = cfg.logger.tensorboard = False
     resume = load_checkpoint(cfg.ckpt_path) if cfg.ckpt_path else None
     if resume is not None:
         diffs = _config_differences(OmegaConf.create(resume["config"]), cfg)
@@ -159,9 +164,10 @@ def train(cfg: DictConfig) -> float:
     if cfg.logger.console:
         print_config(cfg)
     settings = TrainerSettings(**{k: cfg.trainer[k] for k in TrainerSettings.__dataclass_fields__})
-    logger = _loggers(cfg, run_dir, benchmark.spec.metric, None if resume is None else int(resume["step"]))
+    start = None if resume is None else int(resume["step"])
+    logger = _loggers(cfg, run_dir, benchmark.spec.metric, start) if distributed.is_main else MultiLogger([])
     trainer = EpisodicTrainer(algorithm, benchmark, optimizer, scheduler, settings, logger, run_dir, device,
-                              cfg.seed, OmegaConf.to_yaml(cfg))
+                              cfg.seed, OmegaConf.to_yaml(cfg), distributed)
     if resume is not None:
         trainer.restore(resume)
     started = time.perf_counter()
@@ -176,10 +182,14 @@ def train(cfg: DictConfig) -> float:
     except BaseException:
         logger.close()
         raise
+    if not distributed.is_main:
+        distributed.close()
+        return float("nan")
     metric = benchmark.spec.metric
     results = _results("test", estimates, metric, cfg, names, trainer.step, {
         "best_step": trainer.best.get("step"), "val_best": trainer.best.get("value"),
         "train_seconds": round(time.perf_counter() - started, 2), "device": str(device),
+        "world_size": distributed.world_size,
     })
     write_results(run_dir / "results.json", results)
     logger.log_hparams(_hparams(cfg, names), {f"hparam/test_{metric}": results["mean"],
@@ -188,6 +198,7 @@ def train(cfg: DictConfig) -> float:
     if cfg.logger.console:
         print_results(results)
         console.print(f"run directory: {run_dir}")
+    distributed.close()
     return float(trainer.best.get("value", results["mean"]))
 
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from metarun.benchmarks.base import Benchmark, task_pool
 from metarun.checkpoint import load_checkpoint, save_checkpoint
+from metarun.distributed import Distributed
 from metarun.errors import UserInputError
 from metarun.evaluation import evaluate_pool
 from metarun.loggers import MetricLogger
@@ -66,6 +67,7 @@ class EpisodicTrainer:
         device: torch.device,
         seed: int,
         config_yaml: str,
+        distributed: Distributed | None = None,
     ) -> None:
         self.algorithm = algorithm
         self.benchmark = benchmark
@@ -75,6 +77,7 @@ class EpisodicTrainer:
         self.logger = logger
         self.device = device
         self.config_yaml = config_yaml
+        self.dist = distributed or Distributed(device)
         self.ckpt_dir = run_dir / "checkpoints"
         # The training task stream has its own generator: validation/test pools never touch it.
         self.generator = torch.Generator().manual_seed(seed)
@@ -123,10 +126,13 @@ class EpisodicTrainer:
         self.algorithm.train()
         with _StopOnSignal(self):
             while self.step < s.steps:
-                batch = self.benchmark.sample("train", s.meta_batch_size, self.generator).to(self.device)
-                loss, metrics = self.algorithm.meta_loss(batch)
+                batch = self.benchmark.sample("train", s.meta_batch_size, self.generator)
+                loss, metrics = self.algorithm.meta_loss(self.dist.shard(batch).to(self.device))
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                self.dist.average_gradients(self.algorithm.parameters())
+                loss = self.dist.mean(loss.detach())
+                metrics = {k: self.dist.mean(v) for k, v in metrics.items()}
                 grad_norm = self._grad_norm()
                 if not bool(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)):
                     self._on_nonfinite(float(loss.detach()), float(grad_norm))
@@ -136,8 +142,9 @@ class EpisodicTrainer:
                     self.scheduler.step()
                 self.step += 1
 
-                metrics = {**metrics, "grad_norm": grad_norm}
-                for key, value in metrics.items():
+                if not self.dist.is_main:  # rank 0 alone logs, validates and checkpoints
+                    continue
+                for key, value in {**metrics, "grad_norm": grad_norm}.items():
                     self.window.setdefault(key, []).append(value.detach())
                 if self.step % s.log_every == 0 or self.step == s.steps:
                     logged = {f"train/{k}": float(torch.stack(v).mean()) for k, v in self.window.items()}
@@ -153,7 +160,7 @@ class EpisodicTrainer:
                 if self._signal is not None:
                     save_checkpoint(self.state(), self.ckpt_dir / "last.pt")
                     raise Interrupted(self._signal, self.step, self.ckpt_dir / "last.pt")
-        return self.test()
+        return self.test() if self.dist.is_main else {}
 
     def _grad_norm(self) -> torch.Tensor:
         """Global gradient norm (clipped to grad_clip when set): logged, and checked for NaN/inf."""
