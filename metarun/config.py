@@ -51,6 +51,7 @@ class TrainerSchema:
     pool_seed: int = 0
     checkpoint_every: int = 1000
     grad_clip: Optional[float] = None
+    task_chunk: Optional[int] = None
     on_nan: str = "stop"
     optimizer: Any = None
     scheduler: Any = None

@@ -19,6 +19,7 @@ from torch import nn
 from metarun.benchmarks.base import Benchmark, task_pool
 from metarun.checkpoint import load_checkpoint, save_checkpoint
 from metarun.distributed import Distributed
+from metarun.episodes import TaskBatch
 from metarun.errors import UserInputError
 from metarun.evaluation import evaluate_pool
 from metarun.loggers import MetricLogger
@@ -51,6 +52,7 @@ class TrainerSettings:
     pool_seed: int
     checkpoint_every: int
     grad_clip: float | None
+    task_chunk: int | None  # tasks per forward/backward; None: the whole meta-batch at once
     on_nan: str  # "stop": one-line error naming the step; "skip": drop the batch and count it
 
 
@@ -126,12 +128,11 @@ class EpisodicTrainer:
         self.algorithm.train()
         with _StopOnSignal(self):
             while self.step < s.steps:
-                batch = self.benchmark.sample("train", s.meta_batch_size, self.generator)
-                loss, metrics = self.algorithm.meta_loss(self.dist.shard(batch).to(self.device))
+                batch = self.dist.shard(self.benchmark.sample("train", s.meta_batch_size, self.generator))
                 self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                loss, metrics = self._backward(batch)
                 self.dist.average_gradients(self.algorithm.parameters())
-                loss = self.dist.mean(loss.detach())
+                loss = self.dist.mean(loss)
                 metrics = {k: self.dist.mean(v) for k, v in metrics.items()}
                 grad_norm = self._grad_norm()
                 if not bool(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)):
@@ -161,6 +162,27 @@ class EpisodicTrainer:
                     save_checkpoint(self.state(), self.ckpt_dir / "last.pt")
                     raise Interrupted(self._signal, self.step, self.ckpt_dir / "last.pt")
         return self.test() if self.dist.is_main else {}
+
+    def _backward(self, batch: TaskBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Meta-loss and its gradient, in chunks of `task_chunk` tasks when set: the gradient is the same
+        (each chunk's mean is weighted by its share of tasks) and peak memory is one chunk's graph."""
+        chunk = self.s.task_chunk or batch.num_tasks
+        if chunk >= batch.num_tasks:
+            loss, metrics = self.algorithm.meta_loss(batch.to(self.device))
+            loss.backward()
+            return loss.detach(), {k: v.detach() for k, v in metrics.items()}
+        total: torch.Tensor | None = None
+        sums: dict[str, torch.Tensor] = {}
+        for start in range(0, batch.num_tasks, chunk):
+            part = batch.slice(start, start + chunk)
+            weight = part.num_tasks / batch.num_tasks
+            loss, metrics = self.algorithm.meta_loss(part.to(self.device))
+            (loss * weight).backward()
+            total = loss.detach() * weight if total is None else total + loss.detach() * weight
+            for key, value in metrics.items():
+                sums[key] = sums.get(key, 0) + value.detach() * weight
+        assert total is not None
+        return total, sums
 
     def _grad_norm(self) -> torch.Tensor:
         """Global gradient norm (clipped to grad_clip when set): logged, and checked for NaN/inf."""
