@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import inspect
 import shlex
 import sys
 import time
@@ -75,7 +76,24 @@ def build(cfg: DictConfig, names: dict[str, str]) -> tuple[Benchmark, torch.nn.M
                              f"benchmark={names['benchmark']} has {kind} inputs; use model=mlp or model=transformer")
     backbone = _instantiate(cfg.model, "model", input_shape=spec.input_shape)
     algorithm = _instantiate(cfg.algo, "algo", backbone=backbone, spec=spec)
+    _check_train_episode(benchmark, algorithm, names)
     return benchmark, algorithm
+
+
+def _check_train_episode(benchmark: Benchmark, algorithm: torch.nn.Module, names: dict[str, str]) -> None:
+    """An algorithm that meta-trains on another episode shape (ProtoNet's algo.train_ways) needs a benchmark
+    that can sample it: say so at start-up, and draw one such episode now so that a shape the train split
+    cannot give (too many ways) is one line here rather than a failure at step 1."""
+    shape = getattr(algorithm, "train_episode", dict)()
+    if not shape:
+        return
+    accepted = inspect.signature(benchmark.sample).parameters
+    missing = [key for key in shape if key not in accepted]
+    if missing:
+        asked = ", ".join(f"{key}={value}" for key, value in shape.items())
+        raise UserInputError(f"algo={names['algo']} meta-trains on {asked} episodes but benchmark={names['benchmark']} "
+                             f"samples only its own shape; set {' and '.join(f'algo.train_{key}=null' for key in missing)}")
+    benchmark.sample("train", 1, torch.Generator().manual_seed(0), **shape)
 
 
 def _to_device(benchmark: Benchmark, algorithm: torch.nn.Module, device: torch.device) -> None:

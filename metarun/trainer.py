@@ -83,6 +83,8 @@ class EpisodicTrainer:
         self.ckpt_dir = run_dir / "checkpoints"
         # The training task stream has its own generator: validation/test pools never touch it.
         self.generator = torch.Generator().manual_seed(seed)
+        # An algorithm may meta-train on another episode shape than it is tested on (ProtoNet: 60-way Omniglot).
+        self.train_episode: dict[str, int] = dict(getattr(algorithm, "train_episode", dict)())
         self.metric = benchmark.spec.metric
         self.higher_is_better = benchmark.spec.higher_is_better
         self.step = 0
@@ -128,7 +130,8 @@ class EpisodicTrainer:
         self.algorithm.train()
         with _StopOnSignal(self):
             while self.step < s.steps:
-                batch = self.dist.shard(self.benchmark.sample("train", s.meta_batch_size, self.generator))
+                batch = self.dist.shard(self.benchmark.sample("train", s.meta_batch_size, self.generator,
+                                                              **self.train_episode))
                 self.optimizer.zero_grad(set_to_none=True)
                 loss, metrics = self._backward(batch)
                 self.dist.average_gradients(self.algorithm.parameters())

@@ -1,0 +1,118 @@
+"""Prototypical Networks: Snell, Swersky and Zemel, "Prototypical Networks for Few-shot Learning",
+NeurIPS 2017.
+
+A class is represented by its prototype, the mean embedding of its support examples; a query is
+scored by the negative squared Euclidean distance to each prototype (the paper's choice, section
+2.7), or by cosine similarity divided by a temperature (`distance: cosine`). The backbone is the
+whole model: there is no head and no inner loop, so the class works for any number of ways, and it
+may meta-train on other episodes than it is tested on (the paper trains 60-way with 5 queries per
+class on Omniglot): `train_ways` and `train_queries` are asked of the benchmark through `train_episode()`.
+
+All tasks run at once: the backbone is vmapped over the task dimension (so each task's support and
+query set is its own batch, which is what BatchNorm's batch statistics need), and the prototypes and
+distances are batched matrix products.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import vmap
+
+from metarun.algorithms.base import batch_metrics, task_loss
+from metarun.benchmarks.base import TaskSpec
+from metarun.episodes import TaskBatch
+from metarun.errors import UserInputError
+
+
+class ProtoNet(nn.Module):
+    """Nearest-prototype classification in the backbone's feature space."""
+
+    supports = frozenset({"classification"})
+    alternatives = "algo=maml, algo=metasgd or algo=reptile"
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        spec: TaskSpec,
+        distance: Literal["euclidean", "cosine"] = "euclidean",
+        temperature: float = 0.1,
+        train_ways: int | None = None,
+        train_queries: int | None = None,
+    ) -> None:
+        super().__init__()
+        if distance not in ("euclidean", "cosine"):
+            raise ValueError(f"algo.distance must be 'euclidean' or 'cosine' (got {distance!r})")
+        if temperature <= 0:
+            raise ValueError(f"algo.temperature must be positive (got {temperature})")
+        if train_ways is not None and train_ways < 2:
+            raise ValueError(f"algo.train_ways must be at least 2, or null for benchmark.ways (got {train_ways})")
+        if train_queries is not None and train_queries < 1:
+            raise ValueError(f"algo.train_queries must be positive, or null for benchmark.queries "
+                             f"(got {train_queries})")
+        self.spec = spec
+        self.backbone = backbone
+        self.distance = distance
+        self.temperature = temperature
+        self.train_ways = train_ways
+        self.train_queries = train_queries
+
+    def train_episode(self) -> dict[str, int]:
+        """Overrides of the benchmark's episode shape for meta-training episodes (the trainer asks)."""
+        shape = {"ways": self.train_ways, "queries": self.train_queries}
+        return {k: v for k, v in shape.items() if v is not None}
+
+    def logits(self, batch: TaskBatch) -> Tensor:
+        """[T, Q, N] class scores of every query: -squared distance, or cosine / temperature."""
+        ways = _ways(batch)
+        support = vmap(self.backbone)(batch.support_x)  # [T, S, D]
+        query = vmap(self.backbone)(batch.query_x)  # [T, Q, D]
+        onehot = F.one_hot(batch.support_y, ways).to(support.dtype)  # [T, S, N]
+        # prototypes: per-class mean of the support embeddings, as one batched product
+        prototypes = onehot.transpose(1, 2) @ support / onehot.sum(dim=1).unsqueeze(-1)  # [T, N, D]
+        if self.distance == "cosine":
+            return F.normalize(query, dim=-1) @ F.normalize(prototypes, dim=-1).transpose(1, 2) / self.temperature
+        # ||q - c||^2 = ||q||^2 - 2 q.c + ||c||^2 without materialising [T, Q, N, D] differences
+        squared = (query.pow(2).sum(-1, keepdim=True) - 2 * query @ prototypes.transpose(1, 2)
+                   + prototypes.pow(2).sum(-1).unsqueeze(1))
+        return -squared
+
+    def _per_task(self, batch: TaskBatch) -> tuple[Tensor, Tensor]:
+        logits = self.logits(batch)
+        return vmap(lambda out, y: task_loss(self.spec, out, y))(logits, batch.query_y)
+
+    # -- the MetaAlgorithm protocol ------------------------------------------------------------------
+
+    def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        if self.training and self.train_episode():
+            self._check_train_episode(batch)
+        losses, accuracy = self._per_task(batch)
+        # A buffer cannot be written under vmap: a backbone with running statistics (model=cnn bn=inductive)
+        # updates them here, outside it.
+        update_running_stats = getattr(self.backbone, "update_running_stats", None)
+        if self.training and update_running_stats is not None:
+            update_running_stats(batch.support_x, batch.query_x)
+        return losses.mean(), batch_metrics(self.spec, losses, accuracy)
+
+    @torch.no_grad()
+    def evaluate(self, batch: TaskBatch) -> dict[str, Tensor]:
+        return {self.spec.metric: self._per_task(batch)[1]}
+
+    def _check_train_episode(self, batch: TaskBatch) -> None:
+        """Training silently on benchmark-shaped episodes would ignore the config: say so instead."""
+        ways = _ways(batch)
+        got = {"ways": ways, "queries": batch.query_y.shape[1] // ways}
+        wrong = {k: v for k, v in self.train_episode().items() if got[k] != v}
+        if wrong:
+            asked = ", ".join(f"algo.train_{k}={v}" for k, v in wrong.items())
+            seen = ", ".join(f"{k}={got[k]}" for k in wrong)
+            fix = " and ".join(f"algo.train_{k}=null" for k in wrong)
+            raise UserInputError(f"{asked} but the training episodes have {seen}: the trainer did not ask the "
+                                 f"benchmark for this episode shape; set {fix}")
+
+def _ways(batch: TaskBatch) -> int:
+    """N of an N-way batch (labels are 0..N-1); N may differ between training and test episodes."""
+    return int(batch.support_y.max()) + 1
