@@ -41,12 +41,11 @@ def print_results(results: dict[str, Any]) -> None:
     table.add_column("± 95% CI", justify="right")
     table.add_column("tasks", justify="right")
     table.add_column("diverged", justify="right")
-    scale = 100.0 if metric == "accuracy" else 1.0
-    unit = " %" if metric == "accuracy" else ""
     for key, est in results["metrics"].items():
-        style = "bold" if key == metric else None
+        percent = key.startswith("accuracy")  # accuracies as percentages; losses and MSE as they are
+        scale, unit = (100.0, " %") if percent else (1.0, "")
         table.add_row(key + unit, f"{est['mean'] * scale:.4f}", f"{est['ci95'] * scale:.4f}", str(est["tasks"]),
-                      str(est["nonfinite_tasks"]), style=style)
+                      str(est["nonfinite_tasks"]), style="bold" if key == metric else None)
     console.print(table)
     bad = results["metrics"][metric]["nonfinite_tasks"]
     if bad:
