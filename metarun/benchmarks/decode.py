@@ -11,11 +11,11 @@ reduction of thin pen strokes needs; its slight overshoot is clipped to 0..255.
 from __future__ import annotations
 
 import io
+import multiprocessing
 import zipfile
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-import multiprocessing
 
 import numpy as np
 from PIL import Image
@@ -92,7 +92,8 @@ def decode_one(ref: ImageRef, prep: Preprocess) -> np.ndarray:
         with Image.open(io.BytesIO(read_bytes(ref))) as image:
             return to_array(image, prep)
     except DECODE_ERRORS as ex:
-        raise DecodeError(f"cannot decode image {ref}: {str(ex).splitlines()[0] if str(ex) else type(ex).__name__}") from None
+        reason = str(ex).splitlines()[0] if str(ex) else type(ex).__name__
+        raise DecodeError(f"cannot decode image {ref}: {reason}") from None
 
 
 def _decode_chunk(refs: Sequence[ImageRef], prep: Preprocess) -> np.ndarray | str:
@@ -146,7 +147,14 @@ def check_all(refs: Sequence[ImageRef], workers: int = 2) -> list[str]:
 def _pool(workers: int) -> ProcessPoolExecutor:
     """Fork where available: the workers run only Pillow and numpy, and fork starts in milliseconds."""
     methods = multiprocessing.get_all_start_methods()
-    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork" if "fork" in methods else None))
+    context = multiprocessing.get_context("fork" if "fork" in methods else None)
+    return ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_forget_archives)
+
+
+def _forget_archives() -> None:
+    """A forked worker must open its own zip handles: one inherited from the parent shares the file offset
+    with it and with the other workers, and concurrent seek+read pairs would interleave."""
+    _open_archives.clear()
 
 
 def _check_chunk(refs: Sequence[ImageRef]) -> list[str]:

@@ -11,7 +11,6 @@ Layouts, per set (background, evaluation), first match wins:
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import zipfile
@@ -20,6 +19,7 @@ from importlib import resources
 from pathlib import Path
 
 from metarun.benchmarks.decode import ImageRef
+from metarun.benchmarks.download import md5sum
 from metarun.errors import UserInputError
 
 SETS = ("background", "evaluation")
@@ -62,24 +62,8 @@ class OmniglotSource:
     characters: list[Character]
     origins: dict[str, str]  # set -> folder or archive path
     archives: dict[str, Path] = field(default_factory=dict)  # archive name -> path, every one present
-
-    def listing(self) -> list[str]:
-        """What identifies these images for the cache: file names with size and mtime, or zip members' CRCs."""
-        out: list[str] = []
-        zips: dict[str, dict[str, zipfile.ZipInfo]] = {}
-        for char in self.characters:
-            for ref in char.images:
-                if ref.archive:
-                    infos = zips.get(ref.archive)
-                    if infos is None:
-                        with zipfile.ZipFile(ref.archive) as archive:
-                            infos = zips[ref.archive] = {i.filename: i for i in archive.infolist()}
-                    info = infos[ref.path]
-                    out.append(f"{Path(ref.archive).name}:{ref.path} {info.CRC} {info.file_size}")
-                else:
-                    stat = os.stat(ref.path)
-                    out.append(f"{os.path.relpath(ref.path, self.root)} {stat.st_size} {stat.st_mtime_ns}")
-        return out
+    # what identifies these images for the cache: 'relative/path size mtime_ns', or 'zip:member crc size'
+    listing: list[str] = field(default_factory=list)
 
     def describe(self) -> str:
         counts = {s: sum(c.set == s for c in self.characters) for s in SETS}
@@ -98,21 +82,13 @@ def find_archives(root: Path) -> dict[str, Path]:
     return found
 
 
-def md5sum(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def check_archive(path: Path) -> None:
+def check_archive(path: Path, root: Path) -> None:
     """Raise UserInputError when a canonical zip's md5 is wrong (truncated or altered download)."""
     expected = ARCHIVE_MD5[path.name]
     actual = md5sum(path)
     if actual != expected:
         raise UserInputError(f"checksum mismatch for {path}: md5 {actual}, expected {expected}; delete it and run "
-                             f"`{DOWNLOAD_HINT.format(root=path.parent)}` again")
+                             f"`{DOWNLOAD_HINT.format(root=root)}` again")
 
 
 def locate(root: str | os.PathLike[str]) -> OmniglotSource:
@@ -121,51 +97,59 @@ def locate(root: str | os.PathLike[str]) -> OmniglotSource:
     archives = find_archives(base) if base.is_dir() else {}
     characters: list[Character] = []
     origins: dict[str, str] = {}
+    listing: list[str] = []
     for set_name in SETS:
         folder = next((f for f in (base / "omniglot-py" / f"images_{set_name}", base / f"images_{set_name}")
                        if f.is_dir()), None)
         archive = archives.get(f"images_{set_name}.zip")
         if folder is not None:
-            characters += _characters_in_folder(folder, set_name)
+            characters += _characters_in_folder(folder, set_name, base, listing)
             origins[set_name] = str(folder)
         elif archive is not None:
-            characters += _characters_in_zip(archive, set_name)
+            characters += _characters_in_zip(archive, set_name, base, listing)
             origins[set_name] = str(archive)
         else:
             what = "Omniglot data" if not origins else f"the Omniglot {set_name} set"
             raise UserInputError(f"{what} not found under {base} (looked for omniglot-py/images_{set_name}/ and "
-                                 f"images_{set_name}.zip); run `{DOWNLOAD_HINT.format(root=base)}` or set benchmark.root")
+                                 f"images_{set_name}.zip); run `{DOWNLOAD_HINT.format(root=base)}` "
+                                 "or set benchmark.root")
     for set_name in SETS:
         if not any(c.set == set_name for c in characters):
-            raise UserInputError(f"no character folders with PNGs in {origins[set_name]}; "
-                                 f"expected <Alphabet>/<characterNN>/*.png (run `metarun data verify omniglot root={base}`)")
-    return OmniglotSource(base, characters, origins, archives)
+            raise UserInputError(f"no character folders with PNGs in {origins[set_name]}; expected "
+                                 f"<Alphabet>/<characterNN>/*.png (run `metarun data verify omniglot root={base}`)")
+    return OmniglotSource(base, characters, origins, archives, listing)
 
 
-def _characters_in_folder(folder: Path, set_name: str) -> list[Character]:
+def _characters_in_folder(folder: Path, set_name: str, root: Path, listing: list[str]) -> list[Character]:
+    """One scandir pass that also stats each file for the cache listing (DirEntry.stat is the cheap stat)."""
     out = []
+    prefix = os.path.relpath(folder, root)
     for alphabet in sorted(e.name for e in os.scandir(folder) if e.is_dir()):
         for char in sorted(e.name for e in os.scandir(folder / alphabet) if e.is_dir()):
             char_dir = folder / alphabet / char
-            pngs = sorted(e.name for e in os.scandir(char_dir) if e.name.lower().endswith(".png"))
+            pngs = sorted((e for e in os.scandir(char_dir) if e.name.lower().endswith(".png")), key=lambda e: e.name)
+            for entry in pngs:
+                stat = entry.stat()
+                listing.append(f"{prefix}/{alphabet}/{char}/{entry.name} {stat.st_size} {stat.st_mtime_ns}")
             if pngs:
-                out.append(Character(set_name, alphabet, char, tuple(ImageRef(str(char_dir / p)) for p in pngs)))
+                out.append(Character(set_name, alphabet, char, tuple(ImageRef(entry.path) for entry in pngs)))
     return out
 
 
-def _characters_in_zip(archive: Path, set_name: str) -> list[Character]:
+def _characters_in_zip(archive: Path, set_name: str, root: Path, listing: list[str]) -> list[Character]:
     try:
         with zipfile.ZipFile(archive) as handle:
-            names = handle.namelist()
+            infos = handle.infolist()
     except (zipfile.BadZipFile, OSError) as ex:
         raise UserInputError(f"cannot read {archive} ({ex}); delete it and run "
-                             f"`{DOWNLOAD_HINT.format(root=archive.parent)}` again") from None
+                             f"`{DOWNLOAD_HINT.format(root=root)}` again") from None
     grouped: dict[tuple[str, str], list[str]] = {}
-    for name in names:
-        parts = name.split("/")
+    for info in sorted(infos, key=lambda i: i.filename):
+        parts = info.filename.split("/")
         if len(parts) == 4 and parts[0] == f"images_{set_name}" and parts[3].lower().endswith(".png"):
-            grouped.setdefault((parts[1], parts[2]), []).append(name)
-    return [Character(set_name, alphabet, char, tuple(ImageRef(n, str(archive)) for n in sorted(members)))
+            grouped.setdefault((parts[1], parts[2]), []).append(info.filename)
+            listing.append(f"{archive.name}:{info.filename} {info.CRC} {info.file_size}")
+    return [Character(set_name, alphabet, char, tuple(ImageRef(n, str(archive)) for n in members))
             for (alphabet, char), members in sorted(grouped.items())]
 
 
@@ -178,7 +162,8 @@ def make_split(characters: list[Character], scheme: str, rotations: tuple[int, .
         raise UserInputError(f"benchmark.split_scheme must be one of {', '.join(SPLIT_SCHEMES)} (got '{scheme}')")
     bad = [r for r in rotations if r not in ROTATIONS]
     if bad or not rotations or len(set(rotations)) != len(rotations):
-        raise UserInputError(f"benchmark.rotations must be distinct values among {list(ROTATIONS)} (got {list(rotations)})")
+        raise UserInputError(f"benchmark.rotations must be distinct values among {list(ROTATIONS)} "
+                             f"(got {list(rotations)})")
     if scheme == "vinyals":
         return _vinyals(characters, rotations)
     chars = _lake(characters, seed) if scheme == "lake" else _random(len(characters), seed)
@@ -203,8 +188,9 @@ def _vinyals(characters: list[Character], rotations: tuple[int, ...]) -> Split:
         split[name] = classes
     if missing:
         unique = sorted(set(missing))
-        raise UserInputError(f"the vinyals split names {len(unique)} characters missing from the data (e.g. {unique[0]}); "
-                             f"the data is incomplete: run `metarun data verify omniglot` or use benchmark.split_scheme=lake")
+        raise UserInputError(f"the vinyals split names {len(unique)} characters missing from the data "
+                             f"(e.g. {unique[0]}); the data is incomplete: run `metarun data verify omniglot` "
+                             "or use benchmark.split_scheme=lake")
     return split
 
 

@@ -67,6 +67,7 @@ def _save_atomically(obj: dict[str, Any], path: Path) -> None:
         os.close(handle)
         try:
             torch.save(obj, tmp)
+            os.chmod(tmp, 0o644)  # mkstemp makes it private; a cache is as readable as the data it came from
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
@@ -77,11 +78,3 @@ def _save_atomically(obj: dict[str, Any], path: Path) -> None:
         console.print(f"[yellow]warning: cannot write the image cache {path} ({ex.strerror}); "
                       "set benchmark.cache_dir or METARUN_CACHE to a writable folder")
 
-
-def file_listing(paths: list[str], root: str) -> list[str]:
-    """'relative/path size mtime_ns' per file: what the cache key hashes (cheap: one stat per file)."""
-    out = []
-    for path in paths:
-        stat = os.stat(path)
-        out.append(f"{os.path.relpath(path, root)} {stat.st_size} {stat.st_mtime_ns}")
-    return out

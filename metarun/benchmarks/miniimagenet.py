@@ -1,0 +1,114 @@
+"""miniImageNet N-way K-shot classification (Vinyals et al. 2016; 64/16/20 classes of Ravi & Larochelle 2017).
+
+Whatever form the data comes in (see miniimagenet_source), it is decoded once into a uint8 RGB store
+[100 classes, 600 images, 3, 84, 84] (1.3 GB), cached on disk and memory-mapped on later runs; the
+episodes come from EpisodeSampler.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sized
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from metarun.benchmarks.base import SPLITS, TaskSpec
+from metarun.benchmarks.decode import DecodeError, Preprocess, decode_all, to_array
+from metarun.benchmarks.miniimagenet_source import MiniSource, detect, image_classes, pickle_classes
+from metarun.benchmarks.sampler import EpisodeSampler
+from metarun.benchmarks.store import cached_store
+from metarun.episodes import TaskBatch
+from metarun.errors import UserInputError
+
+
+class MiniImageNetBenchmark:
+    """Constructor parameters are the `benchmark.*` keys of configs/benchmark/miniimagenet.yaml."""
+
+    def __init__(
+        self,
+        root: str = "data/miniimagenet",
+        ways: int = 5,
+        shots: int = 1,
+        queries: int = 15,
+        image_size: int = 84,
+        cache_dir: str | None = None,
+        decode_workers: int = 2,
+    ) -> None:
+        from metarun.console import console
+
+        for name, value in (("ways", ways), ("shots", shots), ("queries", queries), ("image_size", image_size)):
+            if value < 1:
+                raise UserInputError(f"benchmark.{name} must be a positive integer (got {value})")
+        started = time.perf_counter()
+        source = detect(root)
+        prep = Preprocess(size=image_size, mode="RGB", invert=False)
+        settings = {**prep.as_dict(), "format": source.format}
+        store, meta, cache_file, hit = cached_store("miniimagenet", source.listing, settings,
+                                                    lambda: build_store(source, prep, decode_workers), cache_dir)
+        ranges, start = {}, 0
+        for split in SPLITS:
+            ranges[split] = (start, start + len(meta["classes"][split]))
+            start = ranges[split][1]
+        self.sampler = EpisodeSampler(store, ranges, ways, shots, queries, name="miniimagenet")
+        self.spec = TaskSpec(name="miniimagenet", kind="classification", input_shape=(3, image_size, image_size),
+                             output_size=ways, ways=ways, shots=shots, queries=queries)
+        counts = "/".join(str(ranges[s][1] - ranges[s][0]) for s in SPLITS)
+        how = "loaded from cache" if hit else "decoded and cached"
+        console.print(f"{source.describe()}; {counts} train/val/test classes x {store.shape[1]} images at "
+                      f"{image_size}x{image_size}; {how} {cache_file} ({time.perf_counter() - started:.1f} s)",
+                      highlight=False, soft_wrap=True)
+
+    def sample(self, split: str, num_tasks: int, generator: torch.Generator, *, ways: int | None = None,
+               shots: int | None = None, queries: int | None = None) -> TaskBatch:
+        """Episodes of the configured shape, or of another one when asked (see EpisodeSampler)."""
+        return self.sampler.sample(split, num_tasks, generator, ways=ways, shots=shots, queries=queries)
+
+    def to(self, device: torch.device | str) -> "MiniImageNetBenchmark":
+        self.sampler.to(device)
+        return self
+
+
+def build_store(source: MiniSource, prep: Preprocess, workers: int) -> tuple[Tensor, dict[str, object]]:
+    """Cache miss: every split's classes as uint8 [classes, images, 3, S, S], splits in train/val/test order."""
+    parts: list[np.ndarray] = []
+    names: dict[str, list[str]] = {}
+    for split in SPLITS:
+        if source.format in ("ravi-csv", "folders"):
+            classes = image_classes(source, split)
+            per_class = _uniform(classes, split, source)
+            refs = [ref for files in classes.values() for ref in files]
+            try:
+                images = decode_all(refs, prep, workers)
+            except DecodeError as ex:
+                raise UserInputError(f"{ex}; replace or delete that file") from None
+            parts.append(images.reshape(len(classes), per_class, *images.shape[1:]))
+        else:
+            arrays = pickle_classes(source, split)
+            per_class = _uniform(arrays, split, source)
+            parts.append(np.stack([_resize_stack(a, prep) for a in arrays.values()]))
+            classes = arrays
+        names[split] = list(classes)
+    counts = {split: part.shape[1] for split, part in zip(SPLITS, parts)}
+    if len(set(counts.values())) != 1:
+        raise UserInputError(f"miniImageNet splits must have the same number of images per class (got {counts})")
+    return torch.from_numpy(np.concatenate(parts)), {"format": source.format, "classes": names}
+
+
+def _uniform(classes: Mapping[str, Sized], split: str, source: MiniSource) -> int:
+    """The store is rectangular, so every class needs the same number of images (600 in miniImageNet)."""
+    counts = {name: len(items) for name, items in classes.items()}
+    if len(set(counts.values())) != 1:
+        fewest = min(counts, key=counts.__getitem__)
+        raise UserInputError(f"every miniImageNet class needs the same number of images, but {split} class {fewest} "
+                             f"has {counts[fewest]} and others up to {max(counts.values())} ({source.splits[split]})")
+    return next(iter(counts.values()))
+
+
+def _resize_stack(images: np.ndarray, prep: Preprocess) -> np.ndarray:
+    """uint8 [n, H, W, 3] -> [n, 3, S, S]; resized with the same filter as decoded files when H, W != S."""
+    if images.shape[1:3] == (prep.size, prep.size):
+        return images.transpose(0, 3, 1, 2)
+    return np.stack([to_array(Image.fromarray(image), prep) for image in images])
