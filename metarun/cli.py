@@ -74,10 +74,11 @@ def _run_hydra(command: str, args: list[str]) -> None:
     from metarun.config import config_dir
 
     overrides = _overrides_only(args)
+    user_dirs = [args[i + 1] for i, a in enumerate(args[:-1]) if a in ("--config-dir", "-cd")]
     multirun = "-m" in args or "--multirun" in args
     if not _HYDRA_INFO_FLAGS.intersection(args):
         try:
-            precheck(command, overrides, multirun)
+            precheck(command, overrides, multirun, user_dirs)
         except UserInputError as ex:
             if _full_errors():
                 raise
@@ -107,7 +108,7 @@ def _overrides_only(args: list[str]) -> list[str]:
     return overrides
 
 
-def precheck(command: str, overrides: list[str], multirun: bool) -> None:
+def precheck(command: str, overrides: list[str], multirun: bool, user_dirs: list[str] = ()) -> None:
     """Compose once with the given overrides (first value of each sweep) and validate; raise UserInputError."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -131,6 +132,9 @@ def precheck(command: str, overrides: list[str], multirun: bool) -> None:
         if override.key_or_group.startswith("hydra"):
             continue
         single.append(text)
+    if user_dirs:  # --config-dir: the user's own config files join the search path, as Hydra will do
+        paths = ",".join(f"file://{Path(d).expanduser().absolute()}" for d in user_dirs)
+        single.append(f"hydra.searchpath=[{paths}]")
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):

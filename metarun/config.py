@@ -213,4 +213,6 @@ def describe_composition_error(ex: Exception) -> str:
         where = getattr(cause, "problem_mark", None)
         return f"malformed YAML{f' at {where}'.replace(chr(10), ' ') if where else ''}: {str(cause).splitlines()[0]}"
     lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if any(word in text for word in ("while parsing", "while scanning", "mapping values are not allowed")):
+        return "malformed YAML: " + " ".join(lines[:3]) + " (fix the file or remove it from --config-dir)"
     return "invalid config: " + (" ".join(lines[:2]) if lines else type(ex).__name__)

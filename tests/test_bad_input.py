@@ -54,3 +54,19 @@ def test_corrupt_checkpoint_is_one_line(tmp_path: Path) -> None:
     proc = run_metarun("eval", f"ckpt_path={bad}")
     assert proc.returncode == 2 and "cannot read checkpoint" in proc.stderr
     assert proc.stderr.strip().count("\n") == 0
+
+
+def test_malformed_yaml_in_a_user_config_dir(tmp_path: Path) -> None:
+    (tmp_path / "algo").mkdir()
+    (tmp_path / "algo" / "mine.yaml").write_text("_target_: metarun.algorithms.maml.MAML\ninner_lr: [0.1\n")
+    proc = run_metarun("train", "--config-dir", str(tmp_path), "algo=mine", "debug=smoke")
+    assert proc.returncode == 2 and "malformed YAML" in proc.stderr and "mine.yaml" in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0
+
+
+def test_a_user_config_dir_adds_options(tmp_path: Path) -> None:
+    (tmp_path / "algo").mkdir()
+    (tmp_path / "algo" / "mine.yaml").write_text("# mine\n_target_: metarun.algorithms.maml.MAML\ninner_lr: 0.1\n")
+    proc = run_metarun("train", "--config-dir", str(tmp_path), "algo=mine", "--cfg", "job")
+    assert proc.returncode == 0, proc.stderr
+    assert "inner_lr: 0.1" in proc.stdout
