@@ -67,6 +67,7 @@ class LoggerSchema:
 class RunSchema:
     seed: int = 0
     device: str = "auto"
+    threads: Optional[int] = None
     ckpt_path: Optional[str] = None
     split: Optional[str] = None  # eval only
     algo: Any = None
@@ -104,6 +105,8 @@ def validate(cfg: DictConfig) -> DictConfig:
             typed.trainer[name] = _check_target_node(node, f"trainer.{name}")
     if typed.trainer.on_nan not in ("stop", "skip"):
         raise UserInputError(f"trainer.on_nan must be 'stop' or 'skip' (got '{typed.trainer.on_nan}')")
+    if typed.threads is not None and typed.threads < 1:
+        raise UserInputError(f"threads must be a positive integer or null (got {typed.threads})")
     if typed.device not in DEVICES:
         raise UserInputError(f"device must be one of {', '.join(DEVICES)} (got '{typed.device}')")
     for key in POSITIVE_KEYS:

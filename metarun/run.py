@@ -134,7 +134,7 @@ def _loggers(cfg: DictConfig, run_dir: Path, metric: str, start_step: int | None
 
 
 # Keys that may differ between a checkpoint's config and the command that resumes it.
-_RESUMABLE_CHANGES = ("ckpt_path", "device", "logger", "trainer.steps", "trainer.log_every", "trainer.eval_batch_size")
+_RESUMABLE_CHANGES = ("ckpt_path", "device", "threads", "logger", "trainer.steps", "trainer.log_every", "trainer.eval_batch_size")
 
 
 def _config_differences(saved: DictConfig, current: DictConfig) -> list[str]:
@@ -158,8 +158,8 @@ def _config_differences(saved: DictConfig, current: DictConfig) -> list[str]:
 
 def train(cfg: DictConfig) -> float:
     """Train one run; returns the best validation metric (what a sweeper optimises)."""
-    configure_runtime()
     cfg = config_mod.validate(cfg)
+    configure_runtime(cfg.threads)
     names = group_names(cfg)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
@@ -240,7 +240,6 @@ def _hparams(cfg: DictConfig, names: dict[str, str]) -> dict[str, Any]:
 
 def evaluate(cfg: DictConfig) -> float:
     """Score a checkpoint on a split's fixed pool; keys given on the command line override the checkpoint's."""
-    configure_runtime()
     if not cfg.ckpt_path:
         raise UserInputError("metarun eval needs ckpt_path=<run dir>/checkpoints/best.pt")
     state = load_checkpoint(cfg.ckpt_path)
@@ -250,6 +249,7 @@ def evaluate(cfg: DictConfig) -> float:
     merged.ckpt_path = cfg.ckpt_path
     merged.split = cfg.split
     merged = config_mod.validate(merged)
+    configure_runtime(merged.threads)
     names = _saved_names(Path(cfg.ckpt_path), merged)
     device = resolve_device(merged.device)
     benchmark, algorithm = build(merged, names)
