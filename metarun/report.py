@@ -50,6 +50,7 @@ class Group:
     def row(self) -> dict[str, Any]:
         means = self.means
         paper = next((r.paper for r in self.runs if r.paper), None)
+        mean_ci = statistics.fmean(r.results["ci95"] for r in self.runs)
         return {
             "setting": self.setting, "metric": self.metric, "runs": len(means),
             "seeds": sorted({r.results.get("seed") for r in self.runs}),
@@ -59,7 +60,18 @@ class Group:
             "tasks": self.runs[0].results.get("tasks"),
             "paper_mean": None if not paper else paper.get("mean"),
             "paper_ci95": None if not paper else paper.get("ci95"),
+            **paper_verdict(statistics.fmean(means), mean_ci, paper),
         }
+
+
+def paper_verdict(mean: float, ci95: float, paper: dict[str, Any] | None) -> dict[str, Any]:
+    """Our figure against the published one: within the combined 95% CIs, above, or below."""
+    if not paper or paper.get("mean") is None:
+        return {"paper_diff": None, "paper_verdict": None}
+    diff = mean - float(paper["mean"])
+    combined = (ci95**2 + float(paper.get("ci95") or 0.0) ** 2) ** 0.5
+    verdict = "within CIs" if abs(diff) <= combined else ("above" if diff > 0 else "below")
+    return {"paper_diff": diff, "paper_verdict": verdict}
 
 
 def find_results(paths: list[str]) -> list[Path]:
@@ -119,13 +131,14 @@ def _fmt(value: float | None, metric: str) -> str:
 def render(rows: list[dict[str, Any]], fmt: str) -> str:
     if fmt == "json":
         return json.dumps(rows, indent=2) + "\n"
-    headers = ["setting", "metric", "runs", "mean", "seed std", "mean 95% CI", "paper"]
+    headers = ["setting", "metric", "runs", "mean", "seed std", "mean 95% CI", "paper", "difference", "verdict"]
     lines = []
     for r in rows:
         paper = "-" if r["paper_mean"] is None else f"{_fmt(r['paper_mean'], r['metric'])} ± {_fmt(r['paper_ci95'], r['metric'])}"
         lines.append([r["setting"], r["metric"] + (" %" if r["metric"] == "accuracy" else ""), str(r["runs"]),
                       _fmt(r["mean"], r["metric"]), _fmt(r["seed_std"], r["metric"]), _fmt(r["mean_ci95"], r["metric"]),
-                      paper])
+                      paper, "-" if r["paper_diff"] is None else _fmt(r["paper_diff"], r["metric"]),
+                      r["paper_verdict"] or "-"])
     if fmt == "csv":
         buffer = io.StringIO()
         writer = csv.writer(buffer)
@@ -139,7 +152,7 @@ def render(rows: list[dict[str, Any]], fmt: str) -> str:
 
 def print_table(rows: list[dict[str, Any]]) -> None:
     table = Table(title="metarun report: mean over seeds, spread across seeds, mean per-run 95% CI")
-    for col in ("setting", "metric", "runs", "mean", "seed std", "mean 95% CI", "paper"):
+    for col in ("setting", "metric", "runs", "mean", "seed std", "mean 95% CI", "paper", "difference", "verdict"):
         table.add_column(col, justify="left" if col == "setting" else "right")
     for line in render(rows, "csv").splitlines()[1:]:
         table.add_row(*next(csv.reader([line])))

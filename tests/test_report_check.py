@@ -75,3 +75,12 @@ def test_check_direction_follows_the_metric(tmp_path: Path) -> None:
 def test_check_without_baseline_is_one_line_exit_2(tmp_path: Path) -> None:
     proc = run_metarun("check", str(_fake_run(tmp_path, "r", 0, 0.9)), "--baseline", str(tmp_path / "none.json"))
     assert proc.returncode == 2 and "--update" in proc.stderr
+
+
+def test_report_sets_our_figure_beside_the_paper(tmp_path: Path) -> None:
+    path = _fake_run(tmp_path, "preset", 0, 0.950, ci95=0.005)
+    (path.parent / ".hydra" / "config.yaml").write_text("paper:\n  mean: 0.988\n  ci95: null\n")
+    proc = run_metarun("report", str(tmp_path), "--format", "json")
+    row = json.loads(proc.stdout)[0]
+    assert row["paper_mean"] == 0.988 and row["paper_verdict"] == "below"
+    assert row["paper_diff"] == pytest.approx(-0.038)
