@@ -26,7 +26,7 @@ from metarun.distributed import Distributed
 from metarun.errors import UserInputError
 from metarun.evaluation import evaluate_pool
 from metarun.loggers import ConsoleLogger, JsonlLogger, MetricLogger, MultiLogger, TensorBoardLogger
-from metarun.runtime import configure_runtime, resolve_device
+from metarun.runtime import auto_task_chunk, configure_runtime, resolve_device
 from metarun.stats import Estimate
 from metarun.trainer import EpisodicTrainer, Interrupted, TrainerSettings, write_results
 
@@ -182,6 +182,8 @@ def train(cfg: DictConfig) -> float:
     if cfg.logger.console:
         print_config(cfg)
     settings = TrainerSettings(**{k: cfg.trainer[k] for k in TrainerSettings.__dataclass_fields__})
+    if settings.task_chunk is None:
+        settings.task_chunk = auto_task_chunk(device, benchmark.spec.is_image)
     start = None if resume is None else int(resume["step"])
     logger = _loggers(cfg, run_dir, benchmark.spec.metric, start) if distributed.is_main else MultiLogger([])
     trainer = EpisodicTrainer(algorithm, benchmark, optimizer, scheduler, settings, logger, run_dir, device,

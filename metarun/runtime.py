@@ -47,3 +47,16 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise UserInputError("device=cuda but this machine has no usable CUDA GPU; use device=cpu or device=auto")
     return torch.device(name)
+
+
+# Tasks per forward/backward on CPU for image models (trainer.task_chunk=null). Measured with second-order
+# MAML, Conv-4, Omniglot 5-way 1-shot 15-query, meta-batch 32, 1 thread: the whole batch under vmap ran at
+# 0.052 it/s (max-pool net, 6.9 GB peak) against 0.112 it/s in chunks of 4 (3.9 GB) and 0.095 it/s for a
+# per-task loop: one 460 MB activation per layer leaves the cache, 32 small ones do not. On GPUs and for
+# vector inputs (sine: 8x faster than a loop batched whole) the whole meta-batch goes at once.
+CPU_IMAGE_TASK_CHUNK = 4
+
+
+def auto_task_chunk(device: torch.device, is_image: bool) -> int | None:
+    """The task chunk trainer.task_chunk=null chooses: batch over tasks where it pays, chunk where it does not."""
+    return CPU_IMAGE_TASK_CHUNK if device.type == "cpu" and is_image else None

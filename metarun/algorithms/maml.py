@@ -105,10 +105,10 @@ class MAML(nn.Module):
 
         losses, metric = vmap(one_task)(batch.support_x, batch.support_y, batch.query_x, batch.query_y)
         # A buffer cannot be written under vmap, so a backbone with running statistics (model=cnn with
-        # bn=inductive) updates them here, outside it, from the meta-batch's images.
+        # bn=inductive) updates them here, outside it, from the support images (see ConvNet).
         update_running_stats = getattr(self.net.backbone, "update_running_stats", None)
         if self.training and update_running_stats is not None:
-            update_running_stats(batch.support_x, batch.query_x)
+            update_running_stats(batch.support_x)
         return losses.mean(), batch_metrics(self.spec, losses, metric)
 
     @torch.no_grad()
