@@ -134,7 +134,7 @@ def _loggers(cfg: DictConfig, run_dir: Path, metric: str, start_step: int | None
 
 
 # Keys that may differ between a checkpoint's config and the command that resumes it.
-_RESUMABLE_CHANGES = ("ckpt_path", "device", "threads", "logger", "trainer.steps", "trainer.log_every", "trainer.eval_batch_size")
+_RESUMABLE_CHANGES = ("ckpt_path", "device", "threads", "algo.init_from", "logger", "trainer.steps", "trainer.log_every", "trainer.eval_batch_size")
 
 
 def _config_differences(saved: DictConfig, current: DictConfig) -> list[str]:
@@ -251,6 +251,8 @@ def evaluate(cfg: DictConfig) -> float:
     merged.ckpt_path = cfg.ckpt_path
     merged.split = cfg.split
     merged = config_mod.validate(merged)
+    if "init_from" in merged.algo:
+        merged.algo.init_from = None  # the weights come from the checkpoint being scored
     configure_runtime(merged.threads)
     names = _saved_names(Path(cfg.ckpt_path), merged)
     device = resolve_device(merged.device)

@@ -229,7 +229,7 @@ class EpisodicTrainer:
         finally:
             self.algorithm.train()
         if images:
-            self.logger.log_images(images, self.step)
+            self.logger.log_images({k if "/" in k else f"val/{k}": v for k, v in images.items()}, self.step)
 
     def evaluate(self, split: str, num_tasks: int) -> dict[str, Estimate]:
         return evaluate_pool(self.algorithm, self.benchmark, split, num_tasks, self.s.pool_seed, self.device,
