@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import ClassVar, Protocol
 
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from metarun.benchmarks.base import Kind, TaskSpec
 from metarun.episodes import TaskBatch
@@ -59,3 +59,11 @@ def incompatibility(algorithm: type, spec: TaskSpec, algo_name: str, bench_name:
     alternatives = getattr(algorithm, "alternatives", "algo=maml")
     return f"algo={algo_name} supports only {'/'.join(sorted(supports))} and benchmark={bench_name} is {spec.kind}; use {alternatives}"
 
+
+
+def update_running_statistics(backbone: nn.Module, training: bool, *image_sets: Tensor) -> None:
+    """A buffer cannot be written under vmap, so a backbone with running statistics (model=cnn bn=inductive)
+    updates them here, outside the vmapped pass, from the episode's images (see ConvNet)."""
+    update = getattr(backbone, "update_running_stats", None)
+    if training and update is not None:
+        update(*image_sets)

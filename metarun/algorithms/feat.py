@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import vmap
 
-from metarun.algorithms.base import batch_metrics, task_loss
+from metarun.algorithms.base import batch_metrics, task_loss, update_running_statistics
 from metarun.algorithms.heatmap import heatmap
 from metarun.benchmarks.base import TaskSpec
 from metarun.checkpoint import load_checkpoint
@@ -165,11 +165,7 @@ class FEAT(nn.Module):
             regulariser = self.regulariser(support, query, batch)
             metrics["regulariser"] = regulariser.detach().mean()
             losses = losses + self.balance * regulariser
-        # A buffer cannot be written under vmap: a backbone with running statistics (model=cnn bn=inductive)
-        # updates them here, outside it.
-        update_running_stats = getattr(self.backbone, "update_running_stats", None)
-        if self.training and update_running_stats is not None:
-            update_running_stats(batch.support_x, batch.query_x)
+        update_running_statistics(self.backbone, self.training, batch.support_x, batch.query_x)
         return losses.mean(), {**batch_metrics(self.spec, losses, accuracy), **metrics}
 
     @torch.no_grad()

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import vmap
 
-from metarun.algorithms.base import batch_metrics, task_loss
+from metarun.algorithms.base import batch_metrics, task_loss, update_running_statistics
 from metarun.algorithms.heatmap import group_breaks, heatmap
 from metarun.benchmarks.base import TaskSpec
 from metarun.episodes import TaskBatch
@@ -162,9 +162,7 @@ class InContextLearner(nn.Module):
         if self.training and self.permute_labels and self.spec.kind == "classification":
             batch = self.permuted(batch)
         losses, metric = self._per_task(batch)
-        update_running_stats = getattr(self.backbone, "update_running_stats", None)
-        if self.training and update_running_stats is not None:
-            update_running_stats(batch.support_x, batch.query_x)
+        update_running_statistics(self.backbone, self.training, batch.support_x, batch.query_x)
         return losses.mean(), batch_metrics(self.spec, losses, metric)
 
     @torch.no_grad()

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from metarun.algorithms.base import batch_metrics, task_loss
+from metarun.algorithms.base import batch_metrics, task_loss, update_running_statistics
 from metarun.benchmarks.base import TaskSpec
 from metarun.episodes import TaskBatch
 
@@ -102,11 +102,7 @@ class MetaSGD(nn.Module):
                                          every_step=False)
 
         losses, metric = vmap(one_task)(batch.support_x, batch.support_y, batch.query_x, batch.query_y)
-        # A buffer cannot be written under vmap: a backbone with running statistics (model=cnn bn=inductive)
-        # updates them here, outside it.
-        update_running_stats = getattr(self.net.backbone, "update_running_stats", None)
-        if self.training and update_running_stats is not None:
-            update_running_stats(batch.support_x, batch.query_x)
+        update_running_statistics(self.net.backbone, self.training, batch.support_x, batch.query_x)
         return losses.mean(), batch_metrics(self.spec, losses, metric)
 
     @torch.no_grad()

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from metarun.algorithms.base import batch_metrics, task_loss
+from metarun.algorithms.base import batch_metrics, task_loss, update_running_statistics
 from metarun.benchmarks.base import TaskSpec
 from metarun.episodes import TaskBatch
 
@@ -159,11 +159,7 @@ class Reptile(nn.Module):
         # gradient of 0.5 * ||theta - target||^2 is theta - target: SGD(lr=epsilon) then steps towards the target
         surrogate = torch.stack([0.5 * (p - adapted[k].mean(dim=0)).pow(2).sum()
                                  for k, p in self.net.named_parameters()]).sum()
-        # A buffer cannot be written under vmap: a backbone with running statistics (model=cnn bn=inductive)
-        # updates them here, outside it.
-        update_running_stats = getattr(self.net.backbone, "update_running_stats", None)
-        if self.training and update_running_stats is not None:
-            update_running_stats(batch.support_x, batch.query_x)
+        update_running_statistics(self.net.backbone, self.training, batch.support_x, batch.query_x)
         return surrogate, batch_metrics(self.spec, losses, metric)
 
     @torch.no_grad()
