@@ -18,13 +18,12 @@ from torch import Tensor
 from metarun.benchmarks.base import SPLITS, TaskSpec
 from metarun.benchmarks.decode import DecodeError, Preprocess, decode_all, to_array
 from metarun.benchmarks.miniimagenet_source import MiniSource, detect, image_classes, pickle_classes
-from metarun.benchmarks.sampler import EpisodeSampler
+from metarun.benchmarks.sampler import EpisodeSampler, SamplerBackedBenchmark
 from metarun.benchmarks.store import cached_store
-from metarun.episodes import TaskBatch
 from metarun.errors import UserInputError
 
 
-class MiniImageNetBenchmark:
+class MiniImageNetBenchmark(SamplerBackedBenchmark):
     """Constructor parameters are the `benchmark.*` keys of configs/benchmark/miniimagenet.yaml."""
 
     def __init__(
@@ -61,14 +60,6 @@ class MiniImageNetBenchmark:
                       f"{image_size}x{image_size}; {how} {cache_file} ({time.perf_counter() - started:.1f} s)",
                       highlight=False, soft_wrap=True)
 
-    def sample(self, split: str, num_tasks: int, generator: torch.Generator, *, ways: int | None = None,
-               shots: int | None = None, queries: int | None = None) -> TaskBatch:
-        """Episodes of the configured shape, or of another one when asked (see EpisodeSampler)."""
-        return self.sampler.sample(split, num_tasks, generator, ways=ways, shots=shots, queries=queries)
-
-    def to(self, device: torch.device | str) -> "MiniImageNetBenchmark":
-        self.sampler.to(device)
-        return self
 
 
 def build_store(source: MiniSource, prep: Preprocess, workers: int) -> tuple[Tensor, dict[str, object]]:

@@ -17,13 +17,12 @@ from torch import Tensor
 from metarun.benchmarks.base import SPLITS, TaskSpec
 from metarun.benchmarks.decode import DecodeError, Preprocess, decode_all
 from metarun.benchmarks.omniglot_source import OmniglotSource, Split, check_archive, locate, make_split
-from metarun.benchmarks.sampler import EpisodeSampler
+from metarun.benchmarks.sampler import EpisodeSampler, SamplerBackedBenchmark
 from metarun.benchmarks.store import cached_store
-from metarun.episodes import TaskBatch
 from metarun.errors import UserInputError
 
 
-class OmniglotBenchmark:
+class OmniglotBenchmark(SamplerBackedBenchmark):
     """Constructor parameters are the `benchmark.*` keys of configs/benchmark/omniglot.yaml.
 
     split_scheme: `vinyals` (1028/172/423 characters), `lake` (background alphabets train, 5 of them held
@@ -66,14 +65,6 @@ class OmniglotBenchmark:
                       f"{image_size}x{image_size}; {how} {cache_file} ({time.perf_counter() - started:.1f} s)",
                       highlight=False, soft_wrap=True)
 
-    def sample(self, split: str, num_tasks: int, generator: torch.Generator, *, ways: int | None = None,
-               shots: int | None = None, queries: int | None = None) -> TaskBatch:
-        """Episodes of the configured shape, or of another one when asked (see EpisodeSampler)."""
-        return self.sampler.sample(split, num_tasks, generator, ways=ways, shots=shots, queries=queries)
-
-    def to(self, device: torch.device | str) -> "OmniglotBenchmark":
-        self.sampler.to(device)
-        return self
 
 
 def _decode(source: OmniglotSource, prep: Preprocess, workers: int) -> tuple[Tensor, dict[str, list[str]]]:

@@ -103,3 +103,19 @@ class EpisodeSampler:
             layout = (order, labels.repeat_interleave(k).repeat(t, 1), labels.repeat_interleave(q).repeat(t, 1))
             self._layouts[key] = layout
         return layout
+
+
+class SamplerBackedBenchmark:
+    """What the image benchmarks share once their store is built: episodes and device moves go to
+    `self.sampler` (an EpisodeSampler), so each benchmark only reads its data format."""
+
+    sampler: EpisodeSampler
+
+    def sample(self, split: str, num_tasks: int, generator: torch.Generator, *, ways: int | None = None,
+               shots: int | None = None, queries: int | None = None) -> TaskBatch:
+        """Episodes of the configured shape, or of another one when asked (see EpisodeSampler)."""
+        return self.sampler.sample(split, num_tasks, generator, ways=ways, shots=shots, queries=queries)
+
+    def to(self, device: torch.device | str) -> "SamplerBackedBenchmark":
+        self.sampler.to(device)
+        return self
