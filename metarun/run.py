@@ -10,7 +10,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from hydra.errors import InstantiationException
@@ -156,6 +156,19 @@ def _config_differences(saved: DictConfig, current: DictConfig) -> list[str]:
     return diffs
 
 
+def build_optimizer(make: Callable[..., torch.optim.Optimizer], algorithm: torch.nn.Module) -> torch.optim.Optimizer:
+    """The configured optimizer over the algorithm's parameters, honouring its optional `parameter_groups()`
+    (each group's lr = the configured lr x its "lr_scale"; set before any scheduler records initial lrs)."""
+    parameter_groups = getattr(algorithm, "parameter_groups", None)
+    if parameter_groups is None:
+        return make(algorithm.parameters())
+    groups = parameter_groups()
+    optimizer = make([{k: v for k, v in group.items() if k != "lr_scale"} for group in groups])
+    for group, spec in zip(optimizer.param_groups, groups):
+        group["lr"] = group["lr"] * spec.get("lr_scale", 1.0)
+    return optimizer
+
+
 def train(cfg: DictConfig) -> float:
     """Train one run; returns the best validation metric (what a sweeper optimises)."""
     cfg = config_mod.validate(cfg)
@@ -166,7 +179,7 @@ def train(cfg: DictConfig) -> float:
     benchmark, algorithm = build(cfg, names)
     _to_device(benchmark, algorithm, device)
     # optimizer and scheduler configs are partials (_partial_: true): they need runtime objects
-    optimizer = _instantiate(cfg.trainer.optimizer, "trainer.optimizer")(algorithm.parameters())
+    optimizer = build_optimizer(_instantiate(cfg.trainer.optimizer, "trainer.optimizer"), algorithm)
     scheduler = (_instantiate(cfg.trainer.scheduler, "trainer.scheduler")(optimizer)
                  if cfg.trainer.scheduler is not None else None)
     run_dir = _run_dir()

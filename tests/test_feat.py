@@ -4,6 +4,7 @@ the contrastive regulariser against the paper's per-class loop, backbone initial
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from metarun.checkpoint import save_checkpoint
 from metarun.episodes import TaskBatch
 from metarun.errors import UserInputError
 from metarun.models.mlp import MLP
+from metarun.run import build_optimizer
 from tests.conftest import run_metarun
 
 TOY = TaskSpec(name="toy", kind="classification", input_shape=(1, 6, 6), output_size=3, ways=3, shots=2, queries=2)
@@ -177,8 +179,23 @@ def test_visualize_draws_the_prototype_attention() -> None:
     assert 0.0 <= float(image.min()) and float(image.max()) <= 1.0 and float(image.std()) > 0
 
 
+def test_set_function_trains_at_its_own_learning_rate_and_the_scheduler_keeps_the_ratio() -> None:
+    net = make(set_function_lr_scale=10.0)
+    optimizer = build_optimizer(partial(torch.optim.Adam, lr=1e-4), net)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    backbone, set_function = optimizer.param_groups
+    assert {id(p) for p in backbone["params"]} == {id(p) for p in net.backbone.parameters()}
+    assert {id(p) for p in set_function["params"]} == {id(p) for p in net.set_function.parameters()}
+    assert backbone["lr"] == pytest.approx(1e-4) and set_function["lr"] == pytest.approx(1e-3)
+    optimizer.step()
+    scheduler.step()
+    assert backbone["lr"] == pytest.approx(5e-5) and set_function["lr"] == pytest.approx(5e-4)
+    assert len(list(net.parameters())) == len(backbone["params"]) + len(set_function["params"])
+
+
 def test_bad_settings_are_one_line_errors() -> None:
-    for kwargs in ({"temperature": 0.0}, {"balance": -1.0}, {"heads": 3}, {"dropout": 1.0}):
+    for kwargs in ({"temperature": 0.0}, {"balance": -1.0}, {"heads": 3}, {"dropout": 1.0},
+                   {"set_function_lr_scale": 0.0}):
         with pytest.raises(ValueError, match="algo."):
             make(**kwargs)
 

@@ -28,6 +28,10 @@ class MetaAlgorithm(Protocol):
         """Per-task metrics, each a [T] tensor; `spec.metric` must be among the keys."""
         ...
 
+    # Optional: `parameter_groups() -> list[dict]`, optimizer parameter groups each with "params" and an
+    # "lr_scale" (a multiple of trainer.optimizer.lr), for algorithms whose papers train parts at different
+    # rates (FEAT's set function at 10x). Without it the optimizer gets `parameters()` at one rate.
+
 
 def task_loss(spec: TaskSpec, outputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
     """(loss, metric) of one task's predictions: cross-entropy and accuracy, or MSE and MSE.

@@ -18,7 +18,7 @@ only to instances of its class), which is the same function for any class sizes 
 by class; tests/test_feat.py checks it against the per-class loop.
 
 The paper initialises the backbone from a pre-trained classifier, trains with `temperature` 32-64 and a
-10x learning rate on the set function (not done here: the trainer owns one optimizer group);
+10x learning rate on the set function (`set_function_lr_scale`, an optimizer parameter group);
 `init_from` takes any metarun checkpoint (e.g. a ProtoNet run's best.pt) and copies its backbone.
 Tasks are batched: the backbone is vmapped over tasks (per-task BatchNorm statistics, as ProtoNet),
 attention and distances are batched products.
@@ -104,12 +104,15 @@ class FEAT(nn.Module):
         dropout: float = 0.5,
         attention_dropout: float = 0.1,
         init_from: str | None = None,
+        set_function_lr_scale: float = 1.0,
     ) -> None:
         super().__init__()
         width = int(backbone.out_features)
         if temperature <= 0 or temperature2 <= 0:
             raise ValueError(f"algo.temperature and algo.temperature2 must be positive "
                              f"(got {temperature} and {temperature2})")
+        if set_function_lr_scale <= 0:
+            raise ValueError(f"algo.set_function_lr_scale must be positive (got {set_function_lr_scale})")
         if balance < 0:
             raise ValueError(f"algo.balance must be >= 0, 0 = no regulariser (got {balance})")
         if heads < 1 or width % heads:
@@ -123,8 +126,15 @@ class FEAT(nn.Module):
         self.temperature = temperature
         self.temperature2 = temperature2
         self.balance = balance
+        self.set_function_lr_scale = set_function_lr_scale
         if init_from is not None:
             load_backbone(backbone, init_from)
+
+    def parameter_groups(self) -> list[dict]:
+        """The backbone at the configured learning rate, the set function at `set_function_lr_scale` times it
+        (the paper's `lr_mul`: 10 when the backbone starts pre-trained)."""
+        return [{"params": list(self.backbone.parameters())},
+                {"params": list(self.set_function.parameters()), "lr_scale": self.set_function_lr_scale}]
 
     # -- the model ---------------------------------------------------------------------------------
 
