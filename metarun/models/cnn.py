@@ -11,13 +11,14 @@ Normalization for Meta-Learning", ICML 2020, compare the options). `bn: inductiv
 alternative (batch statistics in training, running statistics at test time); `bn: none` drops the
 normalisation. The mode is explicit because it changes results.
 
-Why BatchNorm is written out with tensor ops instead of calling torch's `batch_norm` (MAML runs the
-backbone under torch.func.vmap over tasks, inside torch.func.grad, and differentiates once more):
+Why BatchNorm is written out with tensor ops instead of calling torch's `batch_norm` (algorithms run the
+backbone under torch.func.vmap over tasks and differentiate it twice):
 
-* Second-order meta-gradients through the native kernel are wrong under vmap (pytorch/functorch#534;
-  measured on torch 2.13 in float64: 3e-3 relative error with one inner step, 1e-2 with two;
+* Second-order meta-gradients through the native kernel are wrong when torch.func.grad runs inside vmap
+  (pytorch/functorch#534; measured on torch 2.13 in float64: 3e-3 relative error with one inner step;
   tests/test_cnn.py pins it), while the same normalisation written as var_mean, rsqrt and addcmul
-  matches the per-task reference to ~1e-15.
+  matches the per-task reference to ~1e-15. MAML now vmaps only forward passes, which the bug does not
+  reach, but Meta-SGD and user algorithms may still nest grad in vmap: the layer stays exact for both.
 * It is written as x * scale + shift with one var_mean (the form torch's own CPU kernel uses) rather
   than (x - mean) / std: fewer full-size temporaries, which matters because under vmap one activation
   holds every task's images (460 MB for the first max-pool block at meta-batch 32, 75 queries);

@@ -8,6 +8,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from metarun.models import per_task
+
 
 class MLP(nn.Module):
     """Flattens the input and applies Linear+ReLU layers; `out_features` tells the algorithm the feature size."""
@@ -28,3 +30,15 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.layers(x)
+
+    def forward_per_task(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
+        """`forward` for T tasks at once: x [T, N, *input_shape], params[name] [T, *shape] (see per_task.py)."""
+        h = x
+        for index, layer in enumerate(self.layers):
+            if isinstance(layer, nn.Linear):
+                h = per_task.linear(h, params[f"layers.{index}.weight"], params.get(f"layers.{index}.bias"))
+            elif isinstance(layer, nn.ReLU):
+                h = torch.relu(h)
+            else:  # the Flatten of image inputs, shifted by the task dimension
+                h = h.flatten(start_dim=2)
+        return h
