@@ -134,7 +134,8 @@ def _loggers(cfg: DictConfig, run_dir: Path, metric: str, start_step: int | None
 
 
 # Keys that may differ between a checkpoint's config and the command that resumes it.
-_RESUMABLE_CHANGES = ("ckpt_path", "device", "threads", "algo.init_from", "logger", "trainer.steps", "trainer.log_every", "trainer.eval_batch_size")
+_RESUMABLE_CHANGES = ("ckpt_path", "device", "threads", "algo.init_from", "logger", "trainer.steps", "trainer.log_every",
+                      "trainer.eval_batch_size", "trainer.optimizer.foreach")  # none changes the mathematics
 
 
 def _config_differences(saved: DictConfig, current: DictConfig) -> list[str]:
