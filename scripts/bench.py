@@ -250,14 +250,29 @@ def probe_memory(args: argparse.Namespace) -> None:
         peak = torch.cuda.max_memory_allocated() - before
     else:
         before = _current_rss_bytes()
+        _reset_peak_rss()  # the set-up (data loading) may have peaked higher than any iteration
         iteration(), iteration()
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+        peak = _peak_rss_bytes() - before
     print(json.dumps({"peak_bytes": peak}))
 
 
 def _current_rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def _reset_peak_rss() -> None:
+    """Linux >= 4.0: writing 5 to clear_refs resets the process's peak RSS (VmHWM) to its current RSS."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _peak_rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def flops_per_iteration(setup: Setup, device: torch.device) -> float:

@@ -76,11 +76,9 @@ def test_renaming_the_classes_permutes_the_logits() -> None:
 
 
 def test_logits_match_a_hand_computation_with_the_attention_switched_off() -> None:
-    """Output projection zeroed: the set function is LayerNorm(prototype); logits are -distance / temperature."""
-    net = make(temperature=2.5)
-    with torch.no_grad():
-        net.set_function.out.weight.zero_()
-        net.set_function.out.bias.zero_()
+    """zero_init_output: the set function starts as LayerNorm(prototype); logits are -distance / temperature."""
+    net = make(temperature=2.5, zero_init_output=True)
+    assert not net.set_function.out.weight.any() and not make().set_function.out.weight.eq(0).all()
     batch = toy_batch(tasks=2)
     want = torch.empty(2, 6, 3, dtype=torch.float64)
     for t in range(2):

@@ -20,6 +20,10 @@ by class; tests/test_feat.py checks it against the per-class loop.
 The paper initialises the backbone from a pre-trained classifier, trains with `temperature` 32-64 and a
 10x learning rate on the set function (`set_function_lr_scale`, an optimizer parameter group);
 `init_from` takes any metarun checkpoint (e.g. a ProtoNet run's best.pt) and copies its backbone.
+With the paper's Xavier-initialised output projection, the untrained attention branch perturbs the
+prototypes of a pre-trained backbone: from a ProtoNet backbone at 95.45% (100 Omniglot validation
+episodes), FEAT started at 89.65%. `zero_init_output: true` (not in the paper; the zero-initialised
+residual branch of e.g. Goyal et al. 2017) starts the set function as LayerNorm(x), and FEAT at 95.33%.
 Tasks are batched: the backbone is vmapped over tasks (per-task BatchNorm statistics, as ProtoNet),
 attention and distances are batched products.
 
@@ -56,7 +60,8 @@ class SetAttention(nn.Module):
     returned weights [..., heads, L, L] are taken before attention dropout.
     """
 
-    def __init__(self, width: int, heads: int, dropout: float, attention_dropout: float) -> None:
+    def __init__(self, width: int, heads: int, dropout: float, attention_dropout: float,
+                 zero_init_output: bool = False) -> None:
         super().__init__()
         self.heads = heads
         self.query = nn.Linear(width, width, bias=False)
@@ -67,6 +72,9 @@ class SetAttention(nn.Module):
         for linear in (self.query, self.key, self.value):
             nn.init.normal_(linear.weight, std=math.sqrt(1.0 / width))
         nn.init.xavier_normal_(self.out.weight)
+        if zero_init_output:  # the attention branch starts silent: the function starts as LayerNorm(x)
+            nn.init.zeros_(self.out.weight)
+            nn.init.zeros_(self.out.bias)
         self.attention_dropout = nn.Dropout(attention_dropout)
         self.dropout = nn.Dropout(dropout)
         self.norm = LayerNorm(width)
@@ -105,6 +113,7 @@ class FEAT(nn.Module):
         attention_dropout: float = 0.1,
         init_from: str | None = None,
         set_function_lr_scale: float = 1.0,
+        zero_init_output: bool = False,
     ) -> None:
         super().__init__()
         width = int(backbone.out_features)
@@ -122,7 +131,7 @@ class FEAT(nn.Module):
                 raise ValueError(f"algo.{name} must be in [0, 1) (got {p})")
         self.spec = spec
         self.backbone = backbone
-        self.set_function = SetAttention(width, heads, dropout, attention_dropout)
+        self.set_function = SetAttention(width, heads, dropout, attention_dropout, zero_init_output)
         self.temperature = temperature
         self.temperature2 = temperature2
         self.balance = balance
