@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -10,7 +11,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.tree import Tree
 
-console = Console()
+# Piped into a file (run logs, CI), rich would fold tables to 80 columns; keep them whole there.
+console = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160)
 error_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
