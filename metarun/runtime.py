@@ -49,11 +49,12 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-# Tasks per forward/backward on CPU for image models (trainer.task_chunk=null). Measured with second-order
-# MAML, Conv-4, Omniglot 5-way 1-shot 15-query, meta-batch 32, 1 thread: the whole batch under vmap ran at
-# 0.052 it/s (max-pool net, 6.9 GB peak) against 0.112 it/s in chunks of 4 (3.9 GB) and 0.095 it/s for a
-# per-task loop: one 460 MB activation per layer leaves the cache, 32 small ones do not. On GPUs and for
-# vector inputs (sine: 8x faster than a loop batched whole) the whole meta-batch goes at once.
+# Tasks per forward/backward on CPU for image models (trainer.task_chunk=null). scripts/bench.py, second-order
+# MAML, strided Conv-4, Omniglot 5-way 1-shot 15 queries, meta-batch 32, 2 threads, against a per-task loop
+# (0.74 it/s, 70 MiB): chunks of 1 0.93x (1.0x memory), 2 1.23x (1.85x), 4 1.36x (3.4x), 32 1.37x (21x). The
+# Conv-4 is compute-bound on CPU, so 4 takes nearly all of batching's gain at a sixth of its memory. An older
+# max-pool measurement agrees: whole batch 0.052 it/s at 6.9 GB, chunks of 4 0.112 it/s, loop 0.095 it/s.
+# On GPUs and for vector inputs (sine: 13x faster than the loop batched whole) the whole meta-batch goes at once.
 CPU_IMAGE_TASK_CHUNK = 4
 
 
