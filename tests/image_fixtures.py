@@ -104,11 +104,17 @@ def mini_folders(root: Path, seed: int = 0) -> Path:
     return root
 
 
-def _split_arrays(seed: int) -> dict[str, tuple[np.ndarray, list[str]]]:
+def mini_classes(train: int, val: int, test: int) -> dict[str, list[str]]:
+    """Class names (wnid-like) for a fixture with these many classes per split."""
+    return {split: [f"n0{digit}{i:06d}" for i in range(count)]
+            for split, digit, count in (("train", 1, train), ("val", 2, val), ("test", 3, test))}
+
+
+def _split_arrays(seed: int, classes: dict[str, list[str]]) -> dict[str, tuple[np.ndarray, list[str]]]:
     """Per split: uint8 [n, 84, 84, 3] images (class-major) and their class names."""
     rng = np.random.default_rng(seed)
     out, index = {}, 0
-    for split, wnids in MINI_CLASSES.items():
+    for split, wnids in classes.items():
         images = []
         for _ in wnids:
             images += [_mini_pixels(rng, index, 84, 84) for _ in range(MINI_PER_CLASS)]
@@ -117,10 +123,11 @@ def _split_arrays(seed: int) -> dict[str, tuple[np.ndarray, list[str]]]:
     return out
 
 
-def mini_cache_pickles(root: Path, seed: int = 0, val_name: str = "validation") -> Path:
+def mini_cache_pickles(root: Path, seed: int = 0, val_name: str = "validation",
+                       classes: dict[str, list[str]] | None = None) -> Path:
     """mini-imagenet-cache-{train,validation,test}.pkl with image_data and class_dict (Python 3 pickles)."""
     root.mkdir(parents=True, exist_ok=True)
-    for split, (images, labels) in _split_arrays(seed).items():
+    for split, (images, labels) in _split_arrays(seed, classes or MINI_CLASSES).items():
         class_dict: dict[str, list[int]] = {}
         for i, label in enumerate(labels):
             class_dict.setdefault(label, []).append(i)
@@ -165,7 +172,7 @@ def mini_metaoptnet_pickles(root: Path, seed: int = 0) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     files = {"train": "train_phase_train", "val": "val", "test": "test"}
     offset = 0
-    for split, (images, names) in _split_arrays(seed).items():
+    for split, (images, names) in _split_arrays(seed, MINI_CLASSES).items():
         unique = list(dict.fromkeys(names))
         catname2label = {name: offset + i for i, name in enumerate(unique)}  # global labels, as MetaOptNet's
         offset += len(unique)
