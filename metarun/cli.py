@@ -16,7 +16,7 @@ commands:
   train   train a meta-learner: metarun train algo=maml model=mlp benchmark=sine [key=value ...]
           sweeps: metarun train -m seed=0,1,2 algo=maml,fomaml
   eval    score a checkpoint on the fixed test pool: metarun eval ckpt_path=<run>/checkpoints/best.pt
-  report  tabulate results over seeds: metarun report outputs/ multirun/ [--format md|csv|json -o FILE]
+  report  tabulate results over seeds: metarun report outputs/ multirun/ [--paper] [--format md|csv|json -o FILE]
   check   CI regression guard: metarun check results.json --baseline baseline.json [--update]
   data    get and check datasets: metarun data download omniglot root=PATH; metarun data verify omniglot root=PATH
           (metarun data --help for more)

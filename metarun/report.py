@@ -1,5 +1,6 @@
 """`metarun report DIR...`: every results.json under the given directories, grouped by the swept
 settings, aggregated over seeds, printed as a table and optionally written as md, csv or json.
+`--paper` keeps the runs of presets with a published figure: the paper-reproduction table.
 
 A group is the run's command-line overrides minus the seed (and minus settings that do not change
 the result: output paths, logging, device). Per group: the mean over seeds, the spread across seeds
@@ -102,7 +103,9 @@ def load_run(path: Path) -> Run:
     paper = None
     if (hydra_dir / "overrides.yaml").exists():
         overrides = [str(o) for o in OmegaConf.to_container(OmegaConf.load(hydra_dir / "overrides.yaml"))]
-    if (hydra_dir / "config.yaml").exists():
+    if isinstance(results.get("paper"), dict) and "mean" in results["paper"]:
+        paper = results["paper"]
+    elif (hydra_dir / "config.yaml").exists():
         cfg = OmegaConf.load(hydra_dir / "config.yaml")
         paper_node = cfg.get("paper")
         if paper_node is not None and "mean" in paper_node:
@@ -164,8 +167,15 @@ def main(args: list[str]) -> None:
     parser.add_argument("paths", nargs="+", help="run directories, multirun directories or results.json files")
     parser.add_argument("--format", choices=("md", "csv", "json"), help="also write the table in this format")
     parser.add_argument("--output", "-o", help="file to write (default: stdout)")
+    parser.add_argument("--paper", action="store_true",
+                        help="only runs of presets with a published figure: ours beside the paper's, with a verdict")
     ns = parser.parse_args(args)
     rows = [g.row() for g in group_runs([load_run(p) for p in find_results(ns.paths)])]
+    if ns.paper:
+        rows = [r for r in rows if r["paper_mean"] is not None]
+        if not rows:
+            raise UserInputError("no run under the given paths has a published figure (a `paper:` mean in its "
+                                 "preset); run an experiment preset, e.g. metarun train experiment=maml_sine")
     rows.sort(key=lambda r: r["setting"])
     if ns.format and not ns.output:
         sys.stdout.write(render(rows, ns.format))

@@ -121,6 +121,8 @@ def _results(split: str, estimates: dict[str, Estimate], metric: str, cfg: DictC
         "steps": steps, "algo": names["algo"], "model": names["model"], "benchmark": names["benchmark"],
         "seed": int(cfg.seed), "nonfinite_tasks": main.nonfinite,
         "metrics": {k: e.as_dict() for k, e in estimates.items()}, **extra,
+        # a preset's published figure travels with the result, so `metarun report --paper` finds it for eval runs too
+        **({"paper": OmegaConf.to_container(cfg.paper)} if cfg.get("paper") is not None else {}),
     }
 
 

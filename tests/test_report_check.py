@@ -84,3 +84,16 @@ def test_report_sets_our_figure_beside_the_paper(tmp_path: Path) -> None:
     row = json.loads(proc.stdout)[0]
     assert row["paper_mean"] == 0.988 and row["paper_verdict"] == "below"
     assert row["paper_diff"] == pytest.approx(-0.038)
+
+
+def test_report_paper_keeps_only_runs_with_a_published_figure(tmp_path: Path) -> None:
+    preset = _fake_run(tmp_path, "preset", 0, 0.950, ci95=0.005)
+    (preset.parent / ".hydra" / "config.yaml").write_text("paper:\n  mean: 0.988\n  ci95: 0.004\n")
+    _fake_run(tmp_path, "plain", 0, 0.90, algo="protonet")
+    evaluated = _fake_run(tmp_path, "eval", 0, 0.97, algo="reptile")  # `metarun eval` writes the figure itself
+    evaluated.write_text(json.dumps({**json.loads(evaluated.read_text()), "paper": {"mean": 0.9768, "ci95": None}}))
+    rows = json.loads(run_metarun("report", str(tmp_path), "--paper", "--format", "json").stdout)
+    assert sorted(r["paper_mean"] for r in rows) == [0.9768, 0.988]
+    assert {r["paper_verdict"] for r in rows} == {"below"}
+    proc = run_metarun("report", str(tmp_path / "plain"), "--paper")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "paper" in proc.stderr
