@@ -119,3 +119,18 @@ def test_evaluate_reports_each_step() -> None:
     assert set(out) == {"mse@0", "mse@1", "mse@2", "mse@3", "mse"}
     assert all(v.shape == (6,) for v in out.values())
     assert torch.equal(out["mse"], out["mse@3"])
+
+
+def test_evaluation_adapts_with_the_learned_rates() -> None:
+    """Evaluation steps use the learned rates: set to zero, adaptation leaves the query error unchanged."""
+    torch.manual_seed(0)
+    bench = SineBenchmark(shots=5, queries=5)
+    batch = bench.sample("test", 6, torch.Generator().manual_seed(0))
+    algo = MetaSGD(MLP([1], hidden=[8]), bench.spec, inner_lr=0.05, eval_inner_steps=2)
+    moved = algo.evaluate(batch)
+    assert not torch.allclose(moved["mse@2"], moved["mse@0"])
+    with torch.no_grad():
+        for rate in algo.inner_lrs.values():
+            rate.zero_()
+    still = algo.evaluate(batch)
+    torch.testing.assert_close(still["mse@2"], still["mse@0"])

@@ -57,6 +57,10 @@ class MAML(nn.Module):
         self.first_order = first_order
         self.adapt = adapt
 
+    def _inner_rate(self, evaluation: bool) -> float | Params:
+        """The inner step size: one number here; Meta-SGD (a subclass) returns a learned tensor per parameter."""
+        return self.eval_inner_lr if evaluation else self.inner_lr
+
     # -- the batched computation (leading task dimension T everywhere) ------------------------------
 
     def _call(self, module: nn.Module, params: Params, x: Tensor) -> Tensor:
@@ -79,7 +83,8 @@ class MAML(nn.Module):
         return task_losses(self.spec, self._forward_per_task(module, params, x), y)
 
     def _adapt_and_score(
-        self, params: Params, batch: TaskBatch, steps: int, lr: float, first_order: bool, evaluation: bool = False,
+        self, params: Params, batch: TaskBatch, steps: int, lr: float | Params, first_order: bool,
+        evaluation: bool = False,
     ) -> tuple[Tensor, Tensor]:
         """Adapt every task on its support set for `steps` SGD steps; query (loss, metric) [T], or in
         `evaluation` [T, steps + 1] after each step, without any graph kept between steps.
@@ -100,6 +105,8 @@ class MAML(nn.Module):
             sx, qx = features(sx), features(qx)
             module = self.net.head
             params = {k[len("head."):]: v for k, v in params.items() if k.startswith("head.")}
+            if isinstance(lr, dict):
+                lr = {k[len("head."):]: v for k, v in lr.items() if k.startswith("head.")}
         tasks = sx.shape[0]
         fast = {k: p.expand(tasks, *p.shape) for k, p in params.items()}
         if evaluation:  # leaves of their own: each step's graph is freed by autograd.grad
@@ -113,7 +120,7 @@ class MAML(nn.Module):
                 break
             support_loss = self._task_losses(module, fast, sx, sy)[0].sum()
             grads = torch.autograd.grad(support_loss, list(fast.values()), create_graph=not first_order)
-            fast = {k: p - lr * g for (k, p), g in zip(fast.items(), grads)}
+            fast = {k: p - (lr[k] if isinstance(lr, dict) else lr) * g for (k, p), g in zip(fast.items(), grads)}
             if evaluation:
                 fast = {k: p.detach().requires_grad_() for k, p in fast.items()}
         if not evaluation:
@@ -125,9 +132,14 @@ class MAML(nn.Module):
 
     def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, Tensor]]:
         params = dict(self.net.named_parameters())
-        losses, metric = self._adapt_and_score(params, batch, self.inner_steps, self.inner_lr, self.first_order)
+        losses, metric = self._adapt_and_score(params, batch, self.inner_steps, self._inner_rate(False),
+                                               self.first_order)
         update_running_statistics(self.net.backbone, self.training, batch.support_x)
         return losses.mean(), batch_metrics(self.spec, losses, metric)
+
+    def _detached_rate(self) -> float | Params:
+        rate = self._inner_rate(True)
+        return {k: v.detach() for k, v in rate.items()} if isinstance(rate, dict) else rate
 
     def evaluate(self, batch: TaskBatch) -> dict[str, Tensor]:
         """Query metric after 0..eval_inner_steps steps (keys `mse@k`), and after all of them (`mse`).
@@ -137,7 +149,7 @@ class MAML(nn.Module):
         """
         params = {k: v.detach() for k, v in self.net.named_parameters()}
         with torch.enable_grad():
-            _, metric = self._adapt_and_score(params, batch, self.eval_inner_steps, self.eval_inner_lr,
+            _, metric = self._adapt_and_score(params, batch, self.eval_inner_steps, self._detached_rate(),
                                               first_order=True, evaluation=True)
         name = self.spec.metric
         out = {f"{name}@{k}": metric[:, k] for k in range(metric.shape[1])}
@@ -156,10 +168,10 @@ class MAML(nn.Module):
         sx, sy, qx, qy = batch.support_x[0], batch.support_y[0], batch.query_x[0], batch.query_y[0]
         grid = torch.linspace(-5.0, 5.0, 200, dtype=sx.dtype, device=sx.device).unsqueeze(-1)
         curves = {"before adaptation": (self._call(self.net, params, grid), (90, 90, 230))}
-        fast = params
+        fast, rate = params, self._detached_rate()
         for step in range(1, self.eval_inner_steps + 1):
             grads = grad(lambda p: task_loss(self.spec, self._call(self.net, p, sx), sy)[0])(fast)
-            fast = {k: p - self.eval_inner_lr * grads[k] for k, p in fast.items()}
+            fast = {k: p - (rate[k] if isinstance(rate, dict) else rate) * grads[k] for k, p in fast.items()}
             if step in (1, self.eval_inner_steps):
                 shade = (40, 170, 40) if step == self.eval_inner_steps else (150, 210, 150)
                 curves[f"after {step} step{'s' if step > 1 else ''}"] = (self._call(self.net, fast, grid), shade)
