@@ -10,6 +10,11 @@ from metarun.algorithms.base import MetaAlgorithm
 from metarun.benchmarks.base import Benchmark, task_pool
 from metarun.stats import Estimate, mean_ci95
 
+# Images per evaluation forward on CPU. The task batch (trainer.eval_batch_size) is cut so that one
+# forward holds at most this many images: 50 Omniglot 20-way 1-shot tasks at once are 16,000 images, a
+# 3.2 GB first activation, and their evaluation spent most of its time in the kernel allocating pages.
+CPU_EVAL_IMAGES = 2048
+
 
 def evaluate_pool(
     algorithm: MetaAlgorithm,
@@ -21,6 +26,9 @@ def evaluate_pool(
     batch_size: int,
 ) -> dict[str, Estimate]:
     """Per-task metrics over the pool, reduced to estimates. The algorithm is put in eval mode and back."""
+    if device.type == "cpu" and benchmark.spec.is_image:
+        images_per_task = benchmark.spec.ways * (benchmark.spec.shots + benchmark.spec.queries)
+        batch_size = max(1, min(batch_size, CPU_EVAL_IMAGES // images_per_task))
     was_training = getattr(algorithm, "training", False)
     algorithm.eval()  # type: ignore[attr-defined]
     values: dict[str, list[torch.Tensor]] = defaultdict(list)
