@@ -23,6 +23,17 @@ from metarun.episodes import TaskBatch
 from metarun.models import per_task
 
 Params = dict[str, Tensor]
+Rate = float | Params  # one inner step size, or one per parameter (Meta-SGD)
+
+
+def submodule_params(params: Params, prefix: str) -> Params:
+    """The entries of `params` under `prefix` ("backbone.", "head."), keyed as the submodule names them."""
+    return {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
+
+
+def step_size(rate: Rate, name: str) -> float | Tensor:
+    """Parameter `name`'s inner step size."""
+    return rate[name] if isinstance(rate, dict) else rate
 
 
 class MAML(nn.Module):
@@ -57,7 +68,7 @@ class MAML(nn.Module):
         self.first_order = first_order
         self.adapt = adapt
 
-    def _inner_rate(self, evaluation: bool) -> float | Params:
+    def _inner_rate(self, evaluation: bool) -> Rate:
         """The inner step size: one number here; Meta-SGD (a subclass) returns a learned tensor per parameter."""
         return self.eval_inner_lr if evaluation else self.inner_lr
 
@@ -75,7 +86,7 @@ class MAML(nn.Module):
         backbone_per_task = getattr(self.net.backbone, "forward_per_task", None)
         if backbone_per_task is None:
             return vmap(lambda p, xt: self._call(module, p, xt))(params, x)
-        body = {k[len("backbone."):]: v for k, v in params.items() if k.startswith("backbone.")}
+        body = submodule_params(params, "backbone.")
         return per_task.linear(backbone_per_task(body, x), params["head.weight"], params["head.bias"])
 
     def _task_losses(self, module: nn.Module, params: Params, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -83,7 +94,7 @@ class MAML(nn.Module):
         return task_losses(self.spec, self._forward_per_task(module, params, x), y)
 
     def _adapt_and_score(
-        self, params: Params, batch: TaskBatch, steps: int, lr: float | Params, first_order: bool,
+        self, params: Params, batch: TaskBatch, steps: int, lr: Rate, first_order: bool,
         evaluation: bool = False,
     ) -> tuple[Tensor, Tensor]:
         """Adapt every task on its support set for `steps` SGD steps; query (loss, metric) [T], or in
@@ -100,13 +111,12 @@ class MAML(nn.Module):
         sx, sy, qx, qy = batch.support_x, batch.support_y, batch.query_x, batch.query_y
         if self.adapt == "head":
             # ANIL: the body is not adapted, so its features are computed once per task.
-            body = {k[len("backbone."):]: v for k, v in params.items() if k.startswith("backbone.")}
+            body = submodule_params(params, "backbone.")
             features = vmap(lambda x: self._call(self.net.backbone, body, x))
             sx, qx = features(sx), features(qx)
             module = self.net.head
-            params = {k[len("head."):]: v for k, v in params.items() if k.startswith("head.")}
-            if isinstance(lr, dict):
-                lr = {k[len("head."):]: v for k, v in lr.items() if k.startswith("head.")}
+            params = submodule_params(params, "head.")
+            lr = submodule_params(lr, "head.") if isinstance(lr, dict) else lr
         tasks = sx.shape[0]
         fast = {k: p.expand(tasks, *p.shape) for k, p in params.items()}
         if evaluation:  # leaves of their own: each step's graph is freed by autograd.grad
@@ -120,7 +130,7 @@ class MAML(nn.Module):
                 break
             support_loss = self._task_losses(module, fast, sx, sy)[0].sum()
             grads = torch.autograd.grad(support_loss, list(fast.values()), create_graph=not first_order)
-            fast = {k: p - (lr[k] if isinstance(lr, dict) else lr) * g for (k, p), g in zip(fast.items(), grads)}
+            fast = {k: p - step_size(lr, k) * g for (k, p), g in zip(fast.items(), grads)}
             if evaluation:
                 fast = {k: p.detach().requires_grad_() for k, p in fast.items()}
         if not evaluation:
@@ -137,7 +147,7 @@ class MAML(nn.Module):
         update_running_statistics(self.net.backbone, self.training, batch.support_x)
         return losses.mean(), batch_metrics(self.spec, losses, metric)
 
-    def _detached_rate(self) -> float | Params:
+    def _detached_rate(self) -> Rate:
         rate = self._inner_rate(True)
         return {k: v.detach() for k, v in rate.items()} if isinstance(rate, dict) else rate
 
@@ -171,7 +181,7 @@ class MAML(nn.Module):
         fast, rate = params, self._detached_rate()
         for step in range(1, self.eval_inner_steps + 1):
             grads = grad(lambda p: task_loss(self.spec, self._call(self.net, p, sx), sy)[0])(fast)
-            fast = {k: p - (rate[k] if isinstance(rate, dict) else rate) * grads[k] for k, p in fast.items()}
+            fast = {k: p - step_size(rate, k) * grads[k] for k, p in fast.items()}
             if step in (1, self.eval_inner_steps):
                 shade = (40, 170, 40) if step == self.eval_inner_steps else (150, 210, 150)
                 curves[f"after {step} step{'s' if step > 1 else ''}"] = (self._call(self.net, fast, grid), shade)
