@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from metarun.algorithms.feat import FEAT, load_backbone
+from metarun.algorithms.feat import FEAT
+from metarun.algorithms.pretrained import load_backbone
 from metarun.algorithms.protonet import ProtoNet
 from metarun.benchmarks.base import TaskSpec
 from metarun.checkpoint import save_checkpoint
@@ -165,7 +166,7 @@ def test_init_from_refuses_checkpoints_without_a_fitting_backbone(tmp_path: Path
     with pytest.raises(UserInputError, match="does not fit") as info:
         load_backbone(MLP(TOY.input_shape, hidden=[16, 8]), str(wider))
     assert "\n" not in str(info.value)
-    with pytest.raises(UserInputError, match=r"not found.*\+algo.init_from=null"):
+    with pytest.raises(UserInputError, match=r"not found.*algo.init_from=null"):
         make(init_from=str(tmp_path / "missing.pt"))
 
 

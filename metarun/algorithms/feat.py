@@ -37,7 +37,6 @@ transformer.SelfAttention because FEAT's maps have no bias and the regulariser n
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -46,8 +45,8 @@ from torch.func import vmap
 
 from metarun.algorithms.base import batch_metrics, task_loss, update_running_statistics
 from metarun.algorithms.heatmap import heatmap
+from metarun.algorithms.pretrained import load_backbone
 from metarun.benchmarks.base import TaskSpec
-from metarun.checkpoint import load_checkpoint
 from metarun.episodes import TaskBatch
 from metarun.errors import UserInputError
 from metarun.models.transformer import LayerNorm
@@ -217,33 +216,3 @@ def squared_distances(x: Tensor, centres: Tensor) -> Tensor:
 def _ways(batch: TaskBatch) -> int:
     """N of an N-way batch (labels are 0..N-1)."""
     return int(batch.support_y.max()) + 1
-
-
-def load_backbone(backbone: nn.Module, path: str) -> None:
-    """Copy the backbone weights of a metarun checkpoint into `backbone` (weights_only load).
-
-    Algorithms store their backbone as a submodule named `backbone` at some depth: `backbone.` in
-    ProtoNet, MatchingNet and FEAT, `net.backbone.` in MAML. The shortest such prefix in the saved
-    state dict is taken, so any algorithm following that naming works.
-    """
-    if not Path(path).expanduser().is_file():
-        # `metarun eval` rebuilds FEAT from the saved config: the file may be gone by then, and is not needed.
-        raise UserInputError(f"algo.init_from={path}: file not found (to evaluate a FEAT run whose "
-                             f"init checkpoint is gone, add +algo.init_from=null: the weights are in its checkpoint)")
-    state = load_checkpoint(path)
-    model = state.get("model")
-    if not isinstance(model, dict):
-        raise UserInputError(f"algo.init_from={path}: the checkpoint holds no model weights")
-    prefixes = {"backbone." if key.startswith("backbone.") else key[: key.index(".backbone.") + len(".backbone.")]
-                for key in model if key.startswith("backbone.") or ".backbone." in key}
-    if not prefixes:
-        raise UserInputError(f"algo.init_from={path}: no backbone weights in that checkpoint (no key starts "
-                             f"with 'backbone.' or '<module>.backbone.'); give a checkpoint of a run with a backbone")
-    prefix = min(prefixes, key=len)
-    weights = {key[len(prefix):]: value for key, value in model.items() if key.startswith(prefix)}
-    try:
-        backbone.load_state_dict(weights)
-    except RuntimeError as ex:
-        detail = " ".join(str(ex).split())[:200]
-        raise UserInputError(f"algo.init_from={path}: its backbone does not fit the configured model "
-                             f"(train it with the same model.* settings): {detail}") from None

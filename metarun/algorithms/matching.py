@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from torch.func import vmap
 
 from metarun.algorithms.base import batch_metrics, task_loss, update_running_statistics
+from metarun.algorithms.pretrained import load_backbone
 from metarun.benchmarks.base import TaskSpec
 from metarun.episodes import TaskBatch
 
@@ -46,6 +47,7 @@ class MatchingNet(nn.Module):
         fce: bool = False,
         fce_steps: int = 5,
         temperature: float = 1.0,
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         if fce_steps < 1:
@@ -61,6 +63,8 @@ class MatchingNet(nn.Module):
             width = int(backbone.out_features)
             self.support_lstm = nn.LSTM(width, width, batch_first=True, bidirectional=True)
             self.query_lstm = nn.LSTMCell(2 * width, width)
+        if init_from is not None:  # e.g. a ProtoNet run's best.pt; fresh optimizer
+            load_backbone(backbone, init_from)
 
     # -- full context embeddings (appendix A.2) ---------------------------------------------------------
 

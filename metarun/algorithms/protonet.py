@@ -11,6 +11,9 @@ class on Omniglot): `train_ways` and `train_queries` are asked of the benchmark 
 All tasks run at once: the backbone is vmapped over the task dimension (so each task's support and
 query set is its own batch, which is what BatchNorm's batch statistics need), and the prototypes and
 distances are batched matrix products.
+
+`init_from` starts the backbone from another run's checkpoint under a fresh optimizer: the control that
+FEAT, which starts that way, is compared with.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from torch import Tensor, nn
 from torch.func import vmap
 
 from metarun.algorithms.base import batch_metrics, task_loss, update_running_statistics
+from metarun.algorithms.pretrained import load_backbone
 from metarun.benchmarks.base import TaskSpec
 from metarun.episodes import TaskBatch
 from metarun.errors import UserInputError
@@ -42,6 +46,7 @@ class ProtoNet(nn.Module):
         temperature: float = 0.1,
         train_ways: int | None = None,
         train_queries: int | None = None,
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         if distance not in ("euclidean", "cosine"):
@@ -59,6 +64,8 @@ class ProtoNet(nn.Module):
         self.temperature = temperature
         self.train_ways = train_ways
         self.train_queries = train_queries
+        if init_from is not None:
+            load_backbone(backbone, init_from)
 
     def train_episode(self) -> dict[str, int]:
         """Overrides of the benchmark's episode shape for meta-training episodes (the trainer asks)."""
