@@ -3,9 +3,9 @@ One Shot Learning", NeurIPS 2016.
 
 A query's prediction is an attention-weighted sum of the one-hot support labels (eq. 1), the
 attention a softmax over the cosine similarities between the query's and each support example's
-embedding (eq. 2; `temperature` divides the similarities, 1 in the paper). The loss is the negative
-log of the predicted probability of the true class, computed stably as a log-sum-exp over each
-class's support examples.
+embedding (eq. 2; `temperature` divides the similarities: 1 in the paper, 0.1 in configs/algo/matching.yaml,
+which says why). The loss is the negative log of the predicted probability of the true class, computed
+stably as a log-sum-exp over each class's support examples.
 
 `fce: true` adds the full context embeddings of the paper's appendix: the support embeddings are
 re-read by a bidirectional LSTM over the support set, g(x_i, S) = h_fwd_i + h_bwd_i + g'(x_i), and
