@@ -20,8 +20,7 @@ from rich.table import Table
 from metarun.console import console
 from metarun.errors import UserInputError
 from metarun.report import find_results, load_run
-
-HIGHER_IS_BETTER = {"accuracy": True, "mse": False}
+from metarun.stats import higher_is_better
 
 
 def entry_key(results: dict[str, Any]) -> str:
@@ -30,7 +29,7 @@ def entry_key(results: dict[str, Any]) -> str:
 
 def verdict(new: dict[str, Any], old: dict[str, Any], tolerance: float) -> tuple[float, str]:
     """(signed improvement, verdict) where verdict is 'pass', 'better' or a failure reason starting 'FAIL'."""
-    sign = 1.0 if HIGHER_IS_BETTER.get(new["metric"], True) else -1.0
+    sign = 1.0 if higher_is_better(new["metric"]) else -1.0
     improvement = sign * (new["mean"] - old["mean"])
     if not math.isfinite(new["mean"]):
         return improvement, "FAIL: not finite"

@@ -17,6 +17,7 @@ commands:
           sweeps: metarun train -m seed=0,1,2 algo=maml,fomaml
   eval    score a checkpoint on the fixed test pool: metarun eval ckpt_path=<run>/checkpoints/best.pt
   report  tabulate results over seeds: metarun report outputs/ multirun/ [--paper] [--format md|csv|json -o FILE]
+  compare is a method better on the same tasks: metarun compare BASELINE_RUN RUN... (paired per-task CI)
   check   CI regression guard: metarun check results.json --baseline baseline.json [--update]
   data    get and check datasets: metarun data download omniglot root=PATH; metarun data verify omniglot root=PATH
           (metarun data --help for more)
@@ -25,7 +26,7 @@ commands:
 composed config. Exit status: 0 success, 2 bad input (config or data), 1 internal error
 (HYDRA_FULL_ERROR=1 shows full traces), 130/143 interrupted (last.pt saved)."""
 
-COMMANDS = ("train", "eval", "report", "check", "data")
+COMMANDS = ("train", "eval", "report", "compare", "check", "data")
 _HYDRA_INFO_FLAGS = {"--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc"}
 
 
@@ -48,7 +49,8 @@ def main(argv: list[str] | None = None) -> None:
     # plain commands: no config to compose
     from importlib import import_module
 
-    module = import_module({"report": "metarun.report", "check": "metarun.check", "data": "metarun.data_cli"}[command])
+    module = import_module({"report": "metarun.report", "compare": "metarun.compare", "check": "metarun.check",
+                           "data": "metarun.data_cli"}[command])
     try:
         module.main(args)
     except UserInputError as ex:

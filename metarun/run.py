@@ -27,6 +27,7 @@ from metarun.errors import UserInputError
 from metarun.evaluation import evaluate_pool
 from metarun.loggers import ConsoleLogger, JsonlLogger, MetricLogger, MultiLogger, TensorBoardLogger
 from metarun.runtime import auto_task_chunk, configure_runtime, resolve_device
+from metarun.scores import SCORES_FILE, pool_identity, write_scores
 from metarun.stats import Estimate
 from metarun.trainer import EpisodicTrainer, Interrupted, TrainerSettings, write_results
 
@@ -228,6 +229,7 @@ def train(cfg: DictConfig) -> float:
         "world_size": distributed.world_size,
     })
     write_results(run_dir / "results.json", results)
+    write_scores(run_dir / SCORES_FILE, pool_identity(cfg, names["benchmark"], "test", results["tasks"]), estimates)
     logger.log_hparams(_hparams(cfg, names), {f"hparam/test_{metric}": results["mean"],
                                               f"hparam/val_{metric}": float(trainer.best.get("value", float("nan")))})
     logger.close()
@@ -292,6 +294,7 @@ def evaluate(cfg: DictConfig) -> float:
     })
     run_dir = _run_dir()
     write_results(run_dir / "results.json", results)
+    write_scores(run_dir / SCORES_FILE, pool_identity(merged, names["benchmark"], split, num_tasks), estimates)
     print_results(results)
     console.print(f"results: {run_dir / 'results.json'}")
     return results["mean"]
