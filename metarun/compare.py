@@ -3,7 +3,7 @@
 Two runs scored on the same task pool (same benchmark settings, split, pool seed and number of tasks)
 are compared task by task: the mean of the per-task differences with its 95% CI, and how many tasks each
 side wins. Pairing removes the spread of task difficulty that both runs share, so the difference's CI is
-much narrower than the two runs' own CIs side by side: overlapping CIs do not mean "no difference".
+narrower than the two runs' CIs side by side, which overlap long before the difference is insignificant.
 """
 
 from __future__ import annotations
