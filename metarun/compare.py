@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -55,8 +56,8 @@ def paired_difference(metric: str, baseline: list[float], run: list[float]) -> P
         verdict = "worse"
     else:
         verdict = "no difference detected"
-    return PairedDifference(metric, _mean([b for b, _ in pairs]), _mean([r for _, r in pairs]), estimate.mean,
-                            estimate.ci95, len(pairs), run_better, baseline_better, verdict)
+    return PairedDifference(metric, statistics.fmean(b for b, _ in pairs), statistics.fmean(r for _, r in pairs),
+                            estimate.mean, estimate.ci95, len(pairs), run_better, baseline_better, verdict)
 
 
 def compare_runs(baseline: Path, run: Path) -> list[PairedDifference]:
@@ -110,8 +111,4 @@ def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
         elif left != right:
             out.append(f"{name}: {right} vs {left}")
     return out
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values)
 

@@ -10,6 +10,7 @@ from typing import Literal, Protocol
 import torch
 
 from metarun.episodes import TaskBatch
+from metarun.stats import higher_is_better
 
 Kind = Literal["classification", "regression"]
 SPLITS = ("train", "val", "test")
@@ -37,7 +38,7 @@ class TaskSpec:
 
     @property
     def higher_is_better(self) -> bool:
-        return self.kind == "classification"
+        return higher_is_better(self.metric)
 
     @property
     def is_image(self) -> bool:
