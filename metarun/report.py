@@ -3,7 +3,8 @@ settings, aggregated over seeds, printed as a table and optionally written as md
 `--paper` keeps the runs of presets with a published figure: the paper-reproduction table.
 
 A group is the run's command-line overrides minus the seed (and minus settings that do not change
-the result: output paths, logging, device). Per group: the mean over seeds, the spread across seeds
+the result: output paths, logging, device); a `metarun eval` result adds the overrides of the training
+run that wrote its checkpoint. Per group: the mean over seeds, the spread across seeds
 (sample std), the mean of the per-run 95% CIs, and the number of runs. When the run's config carries
 a published figure (`paper:` in an experiment preset), it is shown beside ours.
 """
@@ -99,10 +100,8 @@ def load_run(path: Path) -> Run:
     if not isinstance(results, dict) or not {"metric", "mean", "ci95"} <= results.keys():
         raise UserInputError(f"{path} is not a metarun results.json (needs metric, mean, ci95)")
     hydra_dir = path.parent / ".hydra"
-    overrides: list[str] = []
+    overrides = _training_overrides(results) + _read_overrides(hydra_dir / "overrides.yaml")
     paper = None
-    if (hydra_dir / "overrides.yaml").exists():
-        overrides = [str(o) for o in OmegaConf.to_container(OmegaConf.load(hydra_dir / "overrides.yaml"))]
     if isinstance(results.get("paper"), dict) and "mean" in results["paper"]:
         paper = results["paper"]
     elif (hydra_dir / "config.yaml").exists():
@@ -110,11 +109,31 @@ def load_run(path: Path) -> Run:
         paper_node = cfg.get("paper")
         if paper_node is not None and "mean" in paper_node:
             paper = OmegaConf.to_container(paper_node)
-    kept = sorted(o for o in overrides if not o.startswith(_NOT_A_SETTING))
+    by_key = {o.split("=", 1)[0].lstrip("+"): o for o in overrides}  # the eval's own overrides win
+    kept = sorted(o for o in by_key.values() if not o.startswith(_NOT_A_SETTING))
     base = f"{results.get('algo')}/{results.get('model')}/{results.get('benchmark')} ({results.get('split', 'test')})"
     setting = base + (" " + " ".join(o for o in kept if not o.split("=")[0] in ("algo", "model", "benchmark"))
                       if kept else "")
     return Run(path, results, setting.strip(), paper)
+
+
+def _read_overrides(file: Path) -> list[str]:
+    if not file.exists():
+        return []
+    return [str(o) for o in OmegaConf.to_container(OmegaConf.load(file))]
+
+
+def _training_overrides(results: dict[str, Any]) -> list[str]:
+    """For a `metarun eval` result: the overrides of the run that wrote the checkpoint, so that scores of
+    different presets' checkpoints never pool as seeds of one setting. If that run's directory is gone,
+    the checkpoint itself names the setting (such runs only group with evaluations of the same file)."""
+    checkpoint = results.get("checkpoint")
+    if not checkpoint:
+        return []
+    training_hydra = Path(checkpoint).parent.parent / ".hydra" / "overrides.yaml"
+    if training_hydra.exists():
+        return _read_overrides(training_hydra)
+    return [f"checkpoint={checkpoint}"]
 
 
 def group_runs(runs: list[Run]) -> list[Group]:

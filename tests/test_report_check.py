@@ -97,3 +97,28 @@ def test_report_paper_keeps_only_runs_with_a_published_figure(tmp_path: Path) ->
     assert {r["paper_verdict"] for r in rows} == {"below"}
     proc = run_metarun("report", str(tmp_path / "plain"), "--paper")
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "paper" in proc.stderr
+
+
+def test_report_keeps_evaluations_of_different_presets_apart(tmp_path: Path) -> None:
+    """`metarun eval` results carry only the eval's own overrides; the setting comes from the training run
+    that wrote the checkpoint, so two presets' checkpoints are two rows, not two seeds of one."""
+    scored = {}
+    for preset, mean in (("maml_omniglot_5w1s", 0.975), ("maml_omniglot_20w1s", 0.80)):
+        train = tmp_path / "train" / preset
+        (train / ".hydra").mkdir(parents=True)
+        (train / ".hydra" / "overrides.yaml").write_text(f"- experiment={preset}\n- trainer.eval_tasks=200\n")
+        evaluated = _fake_run(tmp_path / "eval", preset, 0, mean)
+        (evaluated.parent / ".hydra" / "overrides.yaml").write_text(
+            f"- ckpt_path={train}/checkpoints/best.pt\n- trainer.eval_tasks=600\n")
+        results = json.loads(evaluated.read_text())
+        evaluated.write_text(json.dumps({**results, "checkpoint": f"{train}/checkpoints/best.pt"}))
+        scored[preset] = mean
+    orphan = _fake_run(tmp_path / "eval", "orphan", 0, 0.5)  # its training run directory was deleted
+    orphan.write_text(json.dumps({**json.loads(orphan.read_text()), "checkpoint": "/gone/checkpoints/best.pt"}))
+    rows = json.loads(run_metarun("report", str(tmp_path / "eval"), "--format", "json").stdout)
+    assert len(rows) == 3 and all(r["runs"] == 1 for r in rows)
+    for preset, mean in scored.items():
+        row = next(r for r in rows if f"experiment={preset}" in r["setting"])
+        assert row["mean"] == pytest.approx(mean)
+        assert "trainer.eval_tasks=600" in row["setting"] and "eval_tasks=200" not in row["setting"]
+    assert any("checkpoint=/gone/checkpoints/best.pt" in r["setting"] for r in rows)
