@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 
 from metarun.errors import UserInputError
 
@@ -55,3 +56,16 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserInputError(f"{path} is not a metarun checkpoint (format {FORMAT})")
     return state
+
+
+def checkpoint_run_dir(ckpt: str | Path) -> Path:
+    """The run directory that wrote a checkpoint: the trainer saves into <run dir>/checkpoints/."""
+    return Path(ckpt).parent.parent
+
+
+def run_overrides(run_dir: Path) -> list[str]:
+    """A run's command-line overrides as Hydra recorded them (<run dir>/.hydra/overrides.yaml); [] if absent."""
+    file = run_dir / ".hydra" / "overrides.yaml"
+    if not file.exists():
+        return []
+    return [str(o) for o in OmegaConf.to_container(OmegaConf.load(file))]

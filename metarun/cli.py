@@ -204,7 +204,9 @@ def _resume_dir_override(overrides: list[str]) -> list[str]:
     ckpt = next((o.split("=", 1)[1] for o in overrides if o.startswith("ckpt_path=")), None)
     if not ckpt or any(o.startswith("hydra.run.dir=") for o in overrides):
         return []
-    run_dir = Path(ckpt).expanduser().resolve().parent.parent
+    from metarun.checkpoint import checkpoint_run_dir  # torch-free CLI start-up: import only when resuming
+
+    run_dir = checkpoint_run_dir(Path(ckpt).expanduser().resolve())
     return [f"hydra.run.dir={run_dir}"] if (run_dir / ".hydra").is_dir() else []
 
 

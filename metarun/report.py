@@ -24,6 +24,7 @@ from typing import Any
 from omegaconf import OmegaConf
 from rich.table import Table
 
+from metarun.checkpoint import checkpoint_run_dir, run_overrides
 from metarun.console import console
 from metarun.errors import UserInputError
 
@@ -100,7 +101,7 @@ def load_run(path: Path) -> Run:
     if not isinstance(results, dict) or not {"metric", "mean", "ci95"} <= results.keys():
         raise UserInputError(f"{path} is not a metarun results.json (needs metric, mean, ci95)")
     hydra_dir = path.parent / ".hydra"
-    overrides = _training_overrides(results) + _read_overrides(hydra_dir / "overrides.yaml")
+    overrides = _training_overrides(results) + run_overrides(path.parent)
     paper = None
     if isinstance(results.get("paper"), dict) and "mean" in results["paper"]:
         paper = results["paper"]
@@ -117,12 +118,6 @@ def load_run(path: Path) -> Run:
     return Run(path, results, setting.strip(), paper)
 
 
-def _read_overrides(file: Path) -> list[str]:
-    if not file.exists():
-        return []
-    return [str(o) for o in OmegaConf.to_container(OmegaConf.load(file))]
-
-
 def _training_overrides(results: dict[str, Any]) -> list[str]:
     """For a `metarun eval` result: the overrides of the run that wrote the checkpoint, so that scores of
     different presets' checkpoints never pool as seeds of one setting. If that run's directory is gone,
@@ -130,9 +125,9 @@ def _training_overrides(results: dict[str, Any]) -> list[str]:
     checkpoint = results.get("checkpoint")
     if not checkpoint:
         return []
-    training_hydra = Path(checkpoint).parent.parent / ".hydra" / "overrides.yaml"
-    if training_hydra.exists():
-        return _read_overrides(training_hydra)
+    training_run = checkpoint_run_dir(checkpoint)
+    if (training_run / ".hydra").is_dir():
+        return run_overrides(training_run)
     return [f"checkpoint={checkpoint}"]
 
 

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from metarun import config as config_mod
 from metarun.algorithms.base import incompatibility
 from metarun.benchmarks.base import Benchmark
-from metarun.checkpoint import load_checkpoint
+from metarun.checkpoint import checkpoint_run_dir, load_checkpoint, run_overrides
 from metarun.console import console, print_config, print_results
 from metarun.distributed import Distributed
 from metarun.errors import UserInputError
@@ -242,11 +242,8 @@ def train(cfg: DictConfig) -> float:
 
 def resume_command(ckpt: Path) -> str:
     """The exact command that continues a run: the original overrides plus ckpt_path."""
-    overrides_file = ckpt.parent.parent / ".hydra" / "overrides.yaml"
-    overrides: list[str] = []
-    if overrides_file.exists():
-        overrides = [o for o in OmegaConf.to_container(OmegaConf.load(overrides_file)) if not str(o).startswith("ckpt_path=")]
-    return shlex.join(["metarun", "train", *map(str, overrides), f"ckpt_path={ckpt}"])
+    overrides = [o for o in run_overrides(checkpoint_run_dir(ckpt)) if not o.startswith("ckpt_path=")]
+    return shlex.join(["metarun", "train", *overrides, f"ckpt_path={ckpt}"])
 
 
 def _hparams(cfg: DictConfig, names: dict[str, str]) -> dict[str, Any]:
@@ -311,7 +308,7 @@ def _task_overrides() -> list[str]:
 
 def _saved_names(ckpt: Path, cfg: DictConfig) -> dict[str, str]:
     """Group choices of the run that wrote the checkpoint (from its .hydra/hydra.yaml when present)."""
-    hydra_file = ckpt.parent.parent / ".hydra" / "hydra.yaml"
+    hydra_file = checkpoint_run_dir(ckpt) / ".hydra" / "hydra.yaml"
     if hydra_file.exists():
         choices = OmegaConf.load(hydra_file).hydra.runtime.choices
         return {g: str(choices.get(g)) for g in ("algo", "model", "benchmark")}
