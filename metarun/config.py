@@ -39,43 +39,54 @@ def config_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "configs"
 
 
+# The schema says which keys exist and what type each holds; it holds no values. Every default lives in the
+# YAML tree (configs/), so a key missing from the composed config is an error here, never a silent default.
+
 @dataclass
-class TrainerSchema:
-    steps: int = 20000
-    meta_batch_size: int = 25
-    log_every: int = 50
-    eval_every: int = 2000
-    val_tasks: int = 200
-    eval_tasks: int = 600
-    eval_batch_size: int = 100
-    pool_seed: int = 0
-    checkpoint_every: int = 1000
-    grad_clip: Optional[float] = None
-    task_chunk: Optional[int] = None
-    on_nan: str = "stop"
-    optimizer: Any = None
-    scheduler: Any = None
+class TrainerSettings:
+    """The trainer section, typed (configs/trainer/default.yaml holds the values; the trainer reads these)."""
+
+    steps: int
+    meta_batch_size: int
+    log_every: int
+    eval_every: int
+    val_tasks: int
+    eval_tasks: int
+    eval_batch_size: int
+    pool_seed: int
+    checkpoint_every: int
+    grad_clip: Optional[float]
+    task_chunk: Optional[int]  # tasks per forward/backward; None: auto (metarun/runtime.py)
+    on_nan: str  # "stop": one-line error naming the step; "skip": drop the batch and count it
+
+
+@dataclass
+class TrainerSchema(TrainerSettings):
+    optimizer: Any  # partial `_target_` nodes: they need the parameters (and the optimizer) at run time
+    scheduler: Any
 
 
 @dataclass
 class LoggerSchema:
-    tensorboard: bool = True
-    console: bool = True
+    tensorboard: bool
+    console: bool
 
 
 @dataclass
 class RunSchema:
-    seed: int = 0
-    device: str = "auto"
-    threads: Optional[int] = None
-    ckpt_path: Optional[str] = None
+    seed: int
+    device: str
+    threads: Optional[int]
+    ckpt_path: Optional[str]
+    algo: Any
+    model: Any
+    benchmark: Any
+    trainer: TrainerSchema
+    logger: LoggerSchema
+    # keys only some configs have (None: absent)
     split: Optional[str] = None  # eval only
-    algo: Any = None
-    model: Any = None
-    benchmark: Any = None
-    trainer: TrainerSchema = field(default_factory=TrainerSchema)
-    logger: LoggerSchema = field(default_factory=LoggerSchema)
-    paper: Any = None  # experiment presets record the published figure here
+    paper: Any = None  # experiment presets: a published figure with its source (only published ones)
+    reference: Any = None  # experiment presets: our own measured reference figure (labelled as ours)
 
 
 POSITIVE_KEYS = (
@@ -94,7 +105,11 @@ def validate(cfg: DictConfig) -> DictConfig:
     try:
         typed = OmegaConf.merge(schema, plain)
     except OmegaConfBaseException as ex:
-        raise UserInputError(describe_omegaconf_error(ex, schema)) from None
+        raise UserInputError(describe_omegaconf_error(ex)) from None
+    missing = OmegaConf.missing_keys(typed)
+    if missing:
+        raise UserInputError(f"config value(s) missing: {', '.join(sorted(missing))} (set them on the command line or "
+                             f"in the config file that should hold them; `metarun train --cfg job` shows the config)")
     for section in ("algo", "model", "benchmark"):
         if not isinstance(typed[section], DictConfig) or "_target_" not in typed[section]:
             raise UserInputError(f"config group '{section}' is missing: add {section}=<option> (see metarun train --help)")
@@ -116,17 +131,22 @@ def validate(cfg: DictConfig) -> DictConfig:
     return typed
 
 
-def describe_omegaconf_error(ex: OmegaConfBaseException, schema: DictConfig | None = None) -> str:
+def schema_keys(parent: str, schema: type = None) -> list[str]:  # type: ignore[assignment]
+    """The keys the schema declares under `parent` ("" for the top level, "trainer", "logger")."""
+    node: Any = RunSchema if schema is None else schema
+    for part in [p for p in parent.split(".") if p]:
+        field_types = {f.name: f.type for f in dataclasses.fields(node)} if dataclasses.is_dataclass(node) else {}
+        node = typing.get_type_hints(node).get(part) if part in field_types else None
+    return [f.name for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else []
+
+
+def describe_omegaconf_error(ex: OmegaConfBaseException) -> str:
     """One line for an OmegaConf key or type error, with the closest valid key when one is near."""
     key = getattr(ex, "full_key", None) or ""
     msg = str(ex).splitlines()[0]
     if "not in" in msg or "Key '" in msg and "struct" in msg:
         parent, _, leaf = key.rpartition(".")
-        options = []
-        if schema is not None:
-            node = OmegaConf.select(schema, parent) if parent else schema
-            options = list(node.keys()) if isinstance(node, DictConfig) else []
-        return f"unknown config key '{key}'{closest(leaf, options)}"
+        return f"unknown config key '{key}'{closest(leaf, schema_keys(parent))}"
     if "could not be converted" in msg or "Value '" in msg:
         return f"wrong type for '{key}': {msg}"
     return f"invalid config at '{key}': {msg}" if key else f"invalid config: {msg}"

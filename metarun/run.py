@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-import inspect
+import hashlib
 import shlex
 import sys
 import time
@@ -18,18 +18,20 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from metarun import config as config_mod
-from metarun.algorithms.base import incompatibility
+from metarun.algorithms.base import MetaAlgorithm, incompatibility
 from metarun.benchmarks.base import Benchmark
 from metarun.checkpoint import checkpoint_run_dir, load_checkpoint, run_overrides
+from metarun.config import TrainerSettings
 from metarun.console import console, print_config, print_results
 from metarun.distributed import Distributed
 from metarun.errors import UserInputError
 from metarun.evaluation import evaluate_pool
 from metarun.loggers import ConsoleLogger, JsonlLogger, MetricLogger, MultiLogger, TensorBoardLogger
+from metarun.models.base import Backbone
 from metarun.runtime import auto_task_chunk, configure_runtime, resolve_device
 from metarun.scores import SCORES_FILE, pool_identity, write_scores
 from metarun.stats import Estimate
-from metarun.trainer import EpisodicTrainer, Interrupted, TrainerSettings, write_results
+from metarun.trainer import EpisodicTrainer, Interrupted, write_results
 
 
 def _instantiate(node: DictConfig, path: str, **runtime: Any) -> Any:
@@ -63,46 +65,61 @@ def group_names(cfg: DictConfig) -> dict[str, str]:
         return {g: cfg[g]._target_.rsplit(".", 1)[-1].lower() for g in ("algo", "model", "benchmark")}
 
 
-def build(cfg: DictConfig, names: dict[str, str]) -> tuple[Benchmark, torch.nn.Module]:
-    """Benchmark, then backbone (input shape from the benchmark), then algorithm (task spec from the benchmark)."""
+def build(cfg: DictConfig, names: dict[str, str],
+          generator: torch.Generator | None = None) -> tuple[Benchmark, MetaAlgorithm]:
+    """Benchmark, then backbone (input shape from the benchmark), then algorithm (task spec from the benchmark).
+    `generator` feeds the algorithm's own random draws (MetaAlgorithm.draws_randomness); None: one seeded from
+    `cfg.seed`."""
     benchmark: Benchmark = _instantiate(cfg.benchmark, "benchmark")
     spec = benchmark.spec
-    reason = incompatibility(get_class(cfg.algo._target_), spec, names["algo"], names["benchmark"])
+    algorithm_class = _contract_class(cfg.algo._target_, MetaAlgorithm, "algo")
+    model_class = _contract_class(cfg.model._target_, Backbone, "model")
+    reason = incompatibility(algorithm_class, spec, names["algo"], names["benchmark"])
     if reason:
         raise UserInputError(reason)
-    accepts = getattr(get_class(cfg.model._target_), "accepts", frozenset({"vector", "image"}))
     kind = "image" if spec.is_image else "vector"
-    if kind not in accepts:
-        raise UserInputError(f"model={names['model']} needs {'/'.join(sorted(accepts))} inputs and "
+    if kind not in model_class.accepts:
+        raise UserInputError(f"model={names['model']} needs {'/'.join(sorted(model_class.accepts))} inputs and "
                              f"benchmark={names['benchmark']} has {kind} inputs; use model=mlp or model=transformer")
     backbone = _instantiate(cfg.model, "model", input_shape=spec.input_shape)
-    algorithm = _instantiate(cfg.algo, "algo", backbone=backbone, spec=spec)
+    runtime: dict[str, Any] = {"backbone": backbone, "spec": spec}
+    if algorithm_class.draws_randomness:
+        runtime["generator"] = generator if generator is not None else algorithm_generator(int(cfg.seed))
+    algorithm = _instantiate(cfg.algo, "algo", **runtime)
     _check_train_episode(benchmark, algorithm, names)
     return benchmark, algorithm
 
 
-def _check_train_episode(benchmark: Benchmark, algorithm: torch.nn.Module, names: dict[str, str]) -> None:
+def algorithm_generator(seed: int) -> torch.Generator:
+    """The generator of an algorithm's own draws: seeded from the run's seed, but another stream than the
+    tasks' (the same seed would replay the task sampler's numbers)."""
+    digest = hashlib.sha256(f"{seed}/algorithm".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+def _contract_class(target: str, contract: type, group: str) -> Any:
+    """The `_target_` class, which must subclass its contract (MetaAlgorithm, Backbone, Benchmark) explicitly:
+    that is where the trainer finds the default of every hook the class leaves out."""
+    cls = get_class(target)
+    if contract not in getattr(cls, "__mro__", ()):
+        raise UserInputError(f"{group}._target_ {target} does not subclass {contract.__module__}.{contract.__name__}; "
+                             f"an {group} class declares the contract it implements (see README, Architecture)")
+    return cls
+
+
+def _check_train_episode(benchmark: Benchmark, algorithm: MetaAlgorithm, names: dict[str, str]) -> None:
     """An algorithm that meta-trains on another episode shape (ProtoNet's algo.train_ways) needs a benchmark
-    that can sample it: say so at start-up, and draw one such episode now so that a shape the train split
-    cannot give (too many ways) is one line here rather than a failure at step 1."""
-    shape = getattr(algorithm, "train_episode", dict)()
-    if not shape:
-        return
-    accepted = inspect.signature(benchmark.sample).parameters
-    missing = [key for key in shape if key not in accepted]
-    if missing:
-        asked = ", ".join(f"{key}={value}" for key, value in shape.items())
-        raise UserInputError(f"algo={names['algo']} meta-trains on {asked} episodes but benchmark={names['benchmark']} "
-                             f"samples only its own shape; set {' and '.join(f'algo.train_{key}=null' for key in missing)}")
-    benchmark.sample("train", 1, torch.Generator().manual_seed(0), **shape)
+    that can sample it: draw one such episode now, so that a shape the train split cannot give (too many
+    ways) is one line here rather than a failure at step 1."""
+    shape = algorithm.train_episode()
+    if shape:
+        benchmark.sample("train", 1, torch.Generator().manual_seed(0), **shape)
 
 
-def _to_device(benchmark: Benchmark, algorithm: torch.nn.Module, device: torch.device) -> None:
+def _to_device(benchmark: Benchmark, algorithm: MetaAlgorithm, device: torch.device) -> None:
     """Algorithms move like modules; a benchmark with a tensor store moves it too (episodes built on the device)."""
-    algorithm.to(device)
-    move = getattr(benchmark, "to", None)
-    if callable(move):
-        move(device)
+    algorithm.to(device)  # type: ignore[attr-defined]
+    benchmark.to(device)
 
 
 def _run_dir() -> Path:
@@ -122,8 +139,10 @@ def _results(split: str, estimates: dict[str, Estimate], metric: str, cfg: DictC
         "steps": steps, "algo": names["algo"], "model": names["model"], "benchmark": names["benchmark"],
         "seed": int(cfg.seed), "nonfinite_tasks": main.nonfinite,
         "metrics": {k: e.as_dict() for k, e in estimates.items()}, **extra,
-        # a preset's published figure travels with the result, so `metarun report --paper` finds it for eval runs too
+        # a preset's published figure (paper) or our own (reference) travels with the result, so
+        # `metarun report --paper` finds it for eval runs too
         **({"paper": OmegaConf.to_container(cfg.paper)} if cfg.get("paper") is not None else {}),
+        **({"reference": OmegaConf.to_container(cfg.reference)} if cfg.get("reference") is not None else {}),
     }
 
 
@@ -160,13 +179,12 @@ def _config_differences(saved: DictConfig, current: DictConfig) -> list[str]:
     return diffs
 
 
-def build_optimizer(make: Callable[..., torch.optim.Optimizer], algorithm: torch.nn.Module) -> torch.optim.Optimizer:
-    """The configured optimizer over the algorithm's parameters, honouring its optional `parameter_groups()`
+def build_optimizer(make: Callable[..., torch.optim.Optimizer], algorithm: MetaAlgorithm) -> torch.optim.Optimizer:
+    """The configured optimizer over the algorithm's parameters, honouring its `parameter_groups()`
     (each group's lr = the configured lr x its "lr_scale"; set before any scheduler records initial lrs)."""
-    parameter_groups = getattr(algorithm, "parameter_groups", None)
-    if parameter_groups is None:
-        return make(algorithm.parameters())
-    groups = parameter_groups()
+    groups = algorithm.parameter_groups()
+    if groups is None:
+        return make(algorithm.parameters())  # type: ignore[attr-defined]
     optimizer = make([{k: v for k, v in group.items() if k != "lr_scale"} for group in groups])
     for group, spec in zip(optimizer.param_groups, groups):
         group["lr"] = group["lr"] * spec.get("lr_scale", 1.0)
@@ -180,7 +198,8 @@ def train(cfg: DictConfig) -> float:
     names = group_names(cfg)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    benchmark, algorithm = build(cfg, names)
+    generator = algorithm_generator(int(cfg.seed))
+    benchmark, algorithm = build(cfg, names, generator)
     _to_device(benchmark, algorithm, device)
     # optimizer and scheduler configs are partials (_partial_: true): they need runtime objects
     optimizer = build_optimizer(_instantiate(cfg.trainer.optimizer, "trainer.optimizer"), algorithm)
@@ -204,7 +223,8 @@ def train(cfg: DictConfig) -> float:
     start = None if resume is None else int(resume["step"])
     logger = _loggers(cfg, run_dir, benchmark.spec.metric, start) if distributed.is_main else MultiLogger([])
     trainer = EpisodicTrainer(algorithm, benchmark, optimizer, scheduler, settings, logger, run_dir, device,
-                              cfg.seed, OmegaConf.to_yaml(cfg), distributed)
+                              cfg.seed, OmegaConf.to_yaml(cfg), distributed, algorithm_generator=generator,
+                              overrides=_training_overrides(cfg))
     if resume is not None:
         trainer.restore(resume)
     started = time.perf_counter()
@@ -213,7 +233,8 @@ def train(cfg: DictConfig) -> float:
     except Interrupted as stop:
         logger.close()
         command = resume_command(stop.path)
-        console.print(f"[yellow]interrupted after step {stop.step}; saved {stop.path}")
+        saved = "saved" if stop.phase == "training" else "last.pt was saved after it:"
+        console.print(f"[yellow]interrupted during {stop.phase} after step {stop.step}; {saved} {stop.path}")
         console.print(f"resume with: {command}", soft_wrap=True, markup=False, highlight=False)
         sys.exit(128 + stop.signum)
     except BaseException:
@@ -238,6 +259,12 @@ def train(cfg: DictConfig) -> float:
         console.print(f"run directory: {run_dir}")
     distributed.close()
     return float(trainer.best.get("value", results["mean"]))
+
+
+def _training_overrides(cfg: DictConfig) -> list[str]:
+    """The command-line overrides that made this run (kept in its checkpoints, so `metarun eval` composes the
+    run's config the way `train` did); where the weights come from is not part of it."""
+    return [o for o in _task_overrides() if not o.startswith(("ckpt_path=", "hydra."))]
 
 
 def resume_command(ckpt: Path) -> str:

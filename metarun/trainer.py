@@ -9,15 +9,15 @@ from __future__ import annotations
 import json
 import math
 import signal
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
+from metarun.algorithms.base import MetaAlgorithm
 from metarun.benchmarks.base import Benchmark, task_pool
 from metarun.checkpoint import load_checkpoint, save_checkpoint
+from metarun.config import TrainerSettings
 from metarun.distributed import Distributed
 from metarun.episodes import TaskBatch
 from metarun.errors import UserInputError
@@ -27,39 +27,23 @@ from metarun.stats import Estimate
 
 
 class Interrupted(Exception):
-    """SIGINT/SIGTERM arrived; the loop stopped at a step boundary and saved last.pt."""
+    """SIGINT/SIGTERM arrived: in training, the loop stopped at a step boundary and saved last.pt; in the final
+    test evaluation, it stopped at once (last.pt was saved after the last step, and resuming from it
+    re-runs the evaluation to the same results)."""
 
-    def __init__(self, signum: int, step: int, path: Path) -> None:
-        super().__init__(f"stopped by signal {signum} after step {step}")
-        self.signum, self.step, self.path = signum, step, path
+    def __init__(self, signum: int, step: int, path: Path, phase: str = "training") -> None:
+        super().__init__(f"stopped by signal {signum} during {phase} after step {step}")
+        self.signum, self.step, self.path, self.phase = signum, step, path, phase
 
 
 class NonFiniteLoss(UserInputError):
     """The meta-loss or its gradient became NaN or inf."""
 
 
-@dataclass
-class TrainerSettings:
-    """The trainer section of the config, typed."""
-
-    steps: int
-    meta_batch_size: int
-    log_every: int
-    eval_every: int
-    val_tasks: int
-    eval_tasks: int
-    eval_batch_size: int
-    pool_seed: int
-    checkpoint_every: int
-    grad_clip: float | None
-    task_chunk: int | None  # tasks per forward/backward; None: the whole meta-batch at once
-    on_nan: str  # "stop": one-line error naming the step; "skip": drop the batch and count it
-
-
 class EpisodicTrainer:
     def __init__(
         self,
-        algorithm: nn.Module,
+        algorithm: MetaAlgorithm,
         benchmark: Benchmark,
         optimizer: torch.optim.Optimizer,
         scheduler: Any,
@@ -70,6 +54,8 @@ class EpisodicTrainer:
         seed: int,
         config_yaml: str,
         distributed: Distributed | None = None,
+        algorithm_generator: torch.Generator | None = None,
+        overrides: list[str] | None = None,
     ) -> None:
         self.algorithm = algorithm
         self.benchmark = benchmark
@@ -79,12 +65,15 @@ class EpisodicTrainer:
         self.logger = logger
         self.device = device
         self.config_yaml = config_yaml
+        self.overrides = list(overrides or [])  # the command line that made the run: `metarun eval` composes from it
         self.dist = distributed or Distributed(device)
         self.ckpt_dir = run_dir / "checkpoints"
         # The training task stream has its own generator: validation/test pools never touch it.
         self.generator = torch.Generator().manual_seed(seed)
+        # The algorithm's own random draws (MetaAlgorithm.draws_randomness); saved with the task stream's.
+        self.algorithm_generator = algorithm_generator
         # An algorithm may meta-train on another episode shape than it is tested on (ProtoNet: 60-way Omniglot).
-        self.train_episode: dict[str, int] = dict(getattr(algorithm, "train_episode", dict)())
+        self.train_episode: dict[str, int] = dict(algorithm.train_episode())
         self.metric = benchmark.spec.metric
         self.higher_is_better = benchmark.spec.higher_is_better
         self.step = 0
@@ -102,12 +91,14 @@ class EpisodicTrainer:
             "model": self.algorithm.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-            "rng": {"train": self.generator.get_state(), "torch": torch.get_rng_state()},
+            "rng": {"train": self.generator.get_state(), "torch": torch.get_rng_state(),
+                    **({"algorithm": self.algorithm_generator.get_state()} if self.algorithm_generator else {})},
             "best": dict(self.best),
             "nan_skips": self.nan_skips,
             "window": {k: torch.stack(v).cpu() for k, v in self.window.items()},
             "metric": self.metric,
             "config": self.config_yaml,
+            "overrides": list(self.overrides),
         }
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -117,6 +108,8 @@ class EpisodicTrainer:
             self.scheduler.load_state_dict(state["scheduler"])
         self.generator.set_state(state["rng"]["train"])
         torch.set_rng_state(state["rng"]["torch"])
+        if self.algorithm_generator is not None and "algorithm" in state["rng"]:
+            self.algorithm_generator.set_state(state["rng"]["algorithm"])
         self.best = dict(state.get("best", {}))
         self.nan_skips = int(state.get("nan_skips", 0))
         self.window = {k: list(v.to(self.device).unbind()) for k, v in state.get("window", {}).items()}
@@ -131,7 +124,7 @@ class EpisodicTrainer:
         with _StopOnSignal(self):
             while self.step < s.steps:
                 batch = self.dist.shard(self.benchmark.sample("train", s.meta_batch_size, self.generator,
-                                                              **self.train_episode))
+                                                              **self.train_episode)).to(self.device)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss, metrics = self._backward(batch)
                 self.dist.average_gradients(self.algorithm.parameters())
@@ -141,6 +134,8 @@ class EpisodicTrainer:
                 if not bool(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)):
                     self._on_nonfinite(float(loss.detach()), float(grad_norm))
                     continue
+                # normalisation statistics (model.bn=inductive) move once per step, from the step's tasks
+                self.algorithm.backbone.update_running_stats(batch.support_x, batch.query_x)
                 self.optimizer.step()
                 if self.scheduler is not None:
                     self.scheduler.step()
@@ -164,14 +159,17 @@ class EpisodicTrainer:
                 if self._signal is not None:
                     save_checkpoint(self.state(), self.ckpt_dir / "last.pt")
                     raise Interrupted(self._signal, self.step, self.ckpt_dir / "last.pt")
-        return self.test() if self.dist.is_main else {}
+        if not self.dist.is_main:
+            return {}
+        with _StopOnSignal(self, phase="final test evaluation"):
+            return self.test()
 
     def _backward(self, batch: TaskBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Meta-loss and its gradient, in chunks of `task_chunk` tasks when set: the gradient is the same
         (each chunk's mean is weighted by its share of tasks) and peak memory is one chunk's graph."""
         chunk = self.s.task_chunk or batch.num_tasks
         if chunk >= batch.num_tasks:
-            loss, metrics = self.algorithm.meta_loss(batch.to(self.device))
+            loss, metrics = self.algorithm.meta_loss(batch)
             loss.backward()
             return loss.detach(), {k: v.detach() for k, v in metrics.items()}
         total: torch.Tensor | None = None
@@ -179,7 +177,7 @@ class EpisodicTrainer:
         for start in range(0, batch.num_tasks, chunk):
             part = batch.slice(start, start + chunk)
             weight = part.num_tasks / batch.num_tasks
-            loss, metrics = self.algorithm.meta_loss(part.to(self.device))
+            loss, metrics = self.algorithm.meta_loss(part)
             (loss * weight).backward()
             total = loss.detach() * weight if total is None else total + loss.detach() * weight
             for key, value in metrics.items():
@@ -219,13 +217,10 @@ class EpisodicTrainer:
 
     def _log_pictures(self) -> None:
         """Algorithms that can draw (attention maps, adapted curves) do so on one fixed validation episode."""
-        visualize = getattr(self.algorithm, "visualize", None)
-        if visualize is None:
-            return
         episode = next(task_pool(self.benchmark, "val", 1, self.s.pool_seed)).to(self.device)
         self.algorithm.eval()
         try:
-            images = visualize(episode)
+            images = self.algorithm.visualize(episode)
         finally:
             self.algorithm.train()
         if images:
@@ -252,14 +247,18 @@ class EpisodicTrainer:
 
 
 class _StopOnSignal:
-    """Turn SIGINT/SIGTERM into a flag the loop checks at step boundaries, so a step is never half-saved."""
+    """In training, turn SIGINT/SIGTERM into a flag the loop checks at step boundaries, so a step is never
+    half-saved. In the final test evaluation (any other `phase`), stop at once: nothing is left to save."""
 
-    def __init__(self, trainer: EpisodicTrainer) -> None:
+    def __init__(self, trainer: EpisodicTrainer, phase: str = "training") -> None:
         self.trainer = trainer
+        self.phase = phase
         self.previous: dict[int, Any] = {}
 
     def __enter__(self) -> None:
         def handler(signum: int, frame: Any) -> None:
+            if self.phase != "training":
+                raise Interrupted(signum, self.trainer.step, self.trainer.ckpt_dir / "last.pt", self.phase)
             if self.trainer._signal is not None:  # a second Ctrl-C: stop now, last.pt is the previous one
                 raise KeyboardInterrupt
             self.trainer._signal = signum

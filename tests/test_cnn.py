@@ -19,6 +19,7 @@ from metarun.benchmarks.base import TaskSpec
 from metarun.config import config_dir, validate
 from metarun.episodes import TaskBatch
 from metarun.errors import UserInputError
+from metarun.models.base import Backbone
 from metarun.models.cnn import ConvNet
 from metarun.run import build
 from tests.maml_reference import assert_close_gradients, batched_meta_gradient, naive_maml_meta_gradient
@@ -81,7 +82,7 @@ def test_anil_with_cnn_matches_per_task_loop() -> None:
 # -- why BatchNorm is hand-written -----------------------------------------------------------------
 
 
-class NativeBatchNormNet(nn.Module):
+class NativeBatchNormNet(nn.Module, Backbone):
     """One [conv, nn.BatchNorm2d, ReLU, max-pool] block: the layer ConvNet deliberately does not use."""
 
     def __init__(self, track_running_stats: bool) -> None:
@@ -201,17 +202,21 @@ def _native_set_moments(model: ConvNet, x: Tensor) -> list[tuple[Tensor, Tensor]
 
 
 def test_inductive_running_stats_follow_training() -> None:
-    """One MAML meta-loss in training moves the running statistics by `momentum` towards the mean over
-    tasks of what native BatchNorm would record for each task's support set."""
+    """The algorithm's meta-loss leaves the running statistics alone; the trainer's once-per-step hook
+    moves them by `momentum` towards the mean over tasks of what native BatchNorm would record for each
+    task's support and query images taken as one batch."""
     torch.manual_seed(0)
     maml = small_maml(ConvNet(TOY.input_shape, filters=4, bn="inductive", bn_momentum=0.25))
     batch = toy_batch(3, seed=3)
     before = {k: v.clone() for k, v in maml.named_buffers()}
     assert len(before) == 8  # mean and variance of four layers
     with torch.no_grad():
-        sets = [_native_set_moments(maml.net.backbone, x) for x in batch.support_x]
+        sets = [_native_set_moments(maml.net.backbone, torch.cat((s, q))) for s, q in zip(batch.support_x,
+                                                                                         batch.query_x)]
     maml.train()
     maml.meta_loss(batch)
+    assert all(torch.equal(v, dict(maml.named_buffers())[k]) for k, v in before.items())
+    maml.backbone.update_running_stats(batch.support_x, batch.query_x)
     for i, block in enumerate(maml.net.backbone.blocks):
         for j, name in enumerate(("running_mean", "running_var")):
             observed = torch.stack([s[i][j] for s in sets]).mean(dim=0)

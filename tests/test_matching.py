@@ -14,6 +14,7 @@ from metarun.episodes import TaskBatch
 from metarun.models.mlp import MLP
 
 TOY = TaskSpec(name="toy", kind="classification", input_shape=(1, 8, 8), output_size=3, ways=3, shots=2, queries=2)
+FIVE_WAY = TaskSpec(name="toy", kind="classification", input_shape=(1, 8, 8), output_size=5, ways=5, shots=3, queries=1)
 
 
 def toy_batch(tasks: int = 4, ways: int = 3, shots: int = 2, queries: int = 2, seed: int = 0) -> TaskBatch:
@@ -45,9 +46,9 @@ def naive_probabilities(net: MatchingNet, batch: TaskBatch) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.float64)
 
 
-def make(seed: int = 0, **kwargs: object) -> MatchingNet:
+def make(seed: int = 0, spec: TaskSpec = TOY, **kwargs: object) -> MatchingNet:
     torch.manual_seed(seed)
-    return MatchingNet(MLP(TOY.input_shape, hidden=[16, 8]), TOY, **kwargs).double()  # type: ignore[arg-type]
+    return MatchingNet(MLP(spec.input_shape, hidden=[16, 8]), spec, **kwargs).double()  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.2])
@@ -65,8 +66,8 @@ def test_attention_matches_hand_computation(temperature: float) -> None:
 
 
 def test_log_probabilities_are_normalised_and_loss_has_gradients() -> None:
-    net = make()
-    batch = toy_batch(ways=5, shots=3, queries=1)  # N and K other than the spec's: read from the labels
+    net = make(spec=FIVE_WAY)
+    batch = toy_batch(ways=5, shots=3, queries=1)  # N from the spec (never read back from the labels), any K
     log_probs = net.log_probs(batch)
     assert log_probs.shape == (4, 5, 5)
     torch.testing.assert_close(log_probs.exp().sum(-1), torch.ones(4, 5, dtype=torch.float64))

@@ -101,13 +101,15 @@ def test_train_ways_asks_for_wider_episodes_and_trains_on_them() -> None:
     loss, _ = net.meta_loss(wide)
     torch.testing.assert_close(loss, torch.stack([F.cross_entropy(l, y) for l, y in
                                                   zip(naive_logits(net, wide), wide.query_y)]).mean())
+    net.eval()
     assert net.logits(toy_batch(ways=3)).shape == (4, 6, 3)  # evaluation stays benchmark-shaped
 
 
 def test_train_episode_not_honoured_is_an_error_not_a_silent_fallback() -> None:
     net = make(train_ways=5, train_queries=2)
-    with pytest.raises(UserInputError, match=r"^algo.train_ways=5 but the training episodes have ways=3: .*"
-                                             r"set algo.train_ways=null$"):
+    with pytest.raises(UserInputError, match=r"^algo.train_ways=5, algo.train_queries=2 but the training episodes "
+                                             r"have 6 support and 6 query examples per task: .*"
+                                             r"set algo.train_ways=null and algo.train_queries=null$"):
         net.meta_loss(toy_batch(ways=3))
     net.eval()  # evaluation episodes are benchmark-shaped: no complaint
     net.meta_loss(toy_batch(ways=3))

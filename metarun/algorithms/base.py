@@ -1,36 +1,59 @@
-"""The algorithm contract, and the per-task loss every algorithm shares.
-
-An algorithm is an nn.Module (so the trainer can own its parameters, optimizer and checkpoint)
-that turns a TaskBatch into `(loss, metrics)`. It never steps an optimizer, moves data or logs.
-"""
+"""The algorithm contract (MetaAlgorithm), and the per-task loss every algorithm shares."""
 
 from __future__ import annotations
 
-from typing import ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from metarun.benchmarks.base import Kind, TaskSpec
 from metarun.episodes import TaskBatch
+from metarun.models.base import Backbone
 
 
 class MetaAlgorithm(Protocol):
-    """What the trainer needs from an algorithm (implementations are nn.Modules)."""
+    """What the trainer and run.py ask of an algorithm: the one contract every family enters through.
 
-    supports: ClassVar[frozenset[Kind]]
+    Implementations are nn.Modules (the trainer owns their parameters, optimizer and checkpoint) that
+    subclass this Protocol explicitly, which gives them the default of every optional member below; the
+    trainer and run.py call them directly, never probing with getattr. An algorithm never steps an
+    optimizer, moves data, logs or draws from the global RNG.
+    """
+
+    # the kinds of task it can learn; run.py refuses any other kind with one line naming `alternatives`
+    supports: ClassVar[frozenset[Kind]] = frozenset({"classification", "regression"})
+    alternatives: ClassVar[str] = "algo=maml"
+    # True: the constructor takes `generator`, the run's seeded generator for the algorithm's own random
+    # draws (label permutations, data order), whose state the trainer saves in every checkpoint
+    draws_randomness: ClassVar[bool] = False
+    # the feature extractor; the trainer updates its running statistics once per step (Backbone protocol)
+    backbone: Backbone
 
     def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, Tensor]]:
-        """Scalar meta-training loss (mean over tasks) and detached scalar metrics such as `loss`, `accuracy`."""
-        ...
+        """Scalar meta-training loss (mean over tasks) and detached scalar metrics such as `loss`, `accuracy`.
+        The trainer calls backward on the loss and steps its optimizer."""
+        raise NotImplementedError
 
     def evaluate(self, batch: TaskBatch) -> dict[str, Tensor]:
         """Per-task metrics, each a [T] tensor; `spec.metric` must be among the keys."""
-        ...
+        raise NotImplementedError
 
-    # Optional: `parameter_groups() -> list[dict]`, optimizer parameter groups each with "params" and an
-    # "lr_scale" (a multiple of trainer.optimizer.lr), for algorithms whose papers train parts at different
-    # rates (FEAT's set function at 10x). Without it the optimizer gets `parameters()` at one rate.
+    def train_episode(self) -> dict[str, int]:
+        """Episode-shape overrides (`ways`, `shots`, `queries`) for meta-training batches, which the trainer
+        passes to `Benchmark.sample` (ProtoNet trains 60-way on Omniglot). Default: the benchmark's shape."""
+        return {}
+
+    def parameter_groups(self) -> list[dict[str, Any]] | None:
+        """Optimizer parameter groups, each with "params" and an "lr_scale" (a multiple of
+        trainer.optimizer.lr), for papers that train parts at different rates (FEAT's set function at 10x).
+        Default None: one group of `parameters()` at the configured rate."""
+        return None
+
+    def visualize(self, batch: TaskBatch) -> dict[str, Tensor]:
+        """Pictures of one fixed validation episode (name -> [3, H, W] uint8), logged at each validation.
+        Default: nothing to draw."""
+        return {}
 
 
 def task_loss(spec: TaskSpec, outputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
@@ -66,19 +89,9 @@ def batch_metrics(spec: TaskSpec, losses: Tensor, metric: Tensor) -> dict[str, T
     return metrics
 
 
-def incompatibility(algorithm: type, spec: TaskSpec, algo_name: str, bench_name: str) -> str | None:
+def incompatibility(algorithm: type[MetaAlgorithm], spec: TaskSpec, algo_name: str, bench_name: str) -> str | None:
     """A one-line reason why `algorithm` cannot run on this benchmark, or None when it can."""
-    supports: frozenset[str] = getattr(algorithm, "supports", frozenset({"classification", "regression"}))
-    if spec.kind in supports:
+    if spec.kind in algorithm.supports:
         return None
-    alternatives = getattr(algorithm, "alternatives", "algo=maml")
-    return f"algo={algo_name} supports only {'/'.join(sorted(supports))} and benchmark={bench_name} is {spec.kind}; use {alternatives}"
-
-
-
-def update_running_statistics(backbone: nn.Module, training: bool, *image_sets: Tensor) -> None:
-    """A buffer cannot be written under vmap, so a backbone with running statistics (model=cnn bn=inductive)
-    updates them here, outside the vmapped pass, from the episode's images (see ConvNet)."""
-    update = getattr(backbone, "update_running_stats", None)
-    if training and update is not None:
-        update(*image_sets)
+    return (f"algo={algo_name} supports only {'/'.join(sorted(algorithm.supports))} and benchmark={bench_name} "
+            f"is {spec.kind}; use {algorithm.alternatives}")

@@ -43,13 +43,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import vmap
 
-from metarun.algorithms.base import batch_metrics, task_loss, update_running_statistics
+from metarun.algorithms.base import MetaAlgorithm, batch_metrics, task_loss
 from metarun.algorithms.heatmap import heatmap
 from metarun.algorithms.pretrained import load_backbone
 from metarun.benchmarks.base import TaskSpec
+from metarun.defaults import option_defaults
 from metarun.episodes import TaskBatch
 from metarun.errors import UserInputError
+from metarun.models.base import Backbone
 from metarun.models.transformer import LayerNorm
+
+
+_DEFAULTS = option_defaults("algo", "feat")
 
 
 class SetAttention(nn.Module):
@@ -94,7 +99,7 @@ class SetAttention(nn.Module):
         return self.norm(x + self.dropout(self.out(mixed))), weights
 
 
-class FEAT(nn.Module):
+class FEAT(nn.Module, MetaAlgorithm):
     """ProtoNet with prototypes adapted by a Transformer set-to-set function, plus its contrastive regulariser."""
 
     supports = frozenset({"classification"})
@@ -102,17 +107,17 @@ class FEAT(nn.Module):
 
     def __init__(
         self,
-        backbone: nn.Module,
+        backbone: Backbone,
         spec: TaskSpec,
-        temperature: float = 1.0,
-        temperature2: float = 1.0,
-        balance: float = 0.1,
-        heads: int = 1,
-        dropout: float = 0.5,
-        attention_dropout: float = 0.1,
-        init_from: str | None = None,
-        set_function_lr_scale: float = 1.0,
-        zero_init_output: bool = False,
+        temperature: float = _DEFAULTS["temperature"],
+        temperature2: float = _DEFAULTS["temperature2"],
+        balance: float = _DEFAULTS["balance"],
+        heads: int = _DEFAULTS["heads"],
+        dropout: float = _DEFAULTS["dropout"],
+        attention_dropout: float = _DEFAULTS["attention_dropout"],
+        init_from: str | None = _DEFAULTS["init_from"],
+        set_function_lr_scale: float = _DEFAULTS["set_function_lr_scale"],
+        zero_init_output: bool = _DEFAULTS["zero_init_output"],
     ) -> None:
         super().__init__()
         width = int(backbone.out_features)
@@ -157,12 +162,12 @@ class FEAT(nn.Module):
     def logits(self, batch: TaskBatch) -> Tensor:
         """[T, Q, N] scores: -squared distance of each query to each adapted prototype / temperature."""
         support, query = self.embed(batch)
-        prototypes, _ = self.adapted_prototypes(support, batch.support_y, _ways(batch))
+        prototypes, _ = self.adapted_prototypes(support, batch.support_y, self.spec.ways)
         return -squared_distances(query, prototypes) / self.temperature
 
     def regulariser(self, support: Tensor, query: Tensor, batch: TaskBatch) -> Tensor:
         """[T] contrastive loss: instances vs the centres of their class's adapted support+query set."""
-        ways = _ways(batch)
+        ways = self.spec.ways
         instances = torch.cat([support, query], dim=1)  # [T, S+Q, D]
         labels = torch.cat([batch.support_y, batch.query_y], dim=1)  # [T, S+Q]
         same_class = labels.unsqueeze(-1) == labels.unsqueeze(-2)  # [T, M, M]: the per-class sets
@@ -175,7 +180,7 @@ class FEAT(nn.Module):
 
     def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, Tensor]]:
         support, query = self.embed(batch)
-        prototypes, _ = self.adapted_prototypes(support, batch.support_y, _ways(batch))
+        prototypes, _ = self.adapted_prototypes(support, batch.support_y, self.spec.ways)
         logits = -squared_distances(query, prototypes) / self.temperature
         losses, accuracy = vmap(lambda out, y: task_loss(self.spec, out, y))(logits, batch.query_y)
         metrics: dict[str, Tensor] = {}
@@ -183,7 +188,6 @@ class FEAT(nn.Module):
             regulariser = self.regulariser(support, query, batch)
             metrics["regulariser"] = regulariser.detach().mean()
             losses = losses + self.balance * regulariser
-        update_running_statistics(self.backbone, self.training, batch.support_x, batch.query_x)
         return losses.mean(), {**batch_metrics(self.spec, losses, accuracy), **metrics}
 
     @torch.no_grad()
@@ -197,7 +201,7 @@ class FEAT(nn.Module):
         adapted prototype mixes the prototypes of the episode's classes."""
         first = batch.slice(0, 1)
         support, _ = self.embed(first)
-        _, weights = self.adapted_prototypes(support, first.support_y, _ways(first))
+        _, weights = self.adapted_prototypes(support, first.support_y, self.spec.ways)
         return {"prototype_attention": heatmap(weights[0].mean(dim=0))}
 
 
@@ -212,7 +216,3 @@ def squared_distances(x: Tensor, centres: Tensor) -> Tensor:
     return (x.pow(2).sum(-1, keepdim=True) - 2 * x @ centres.transpose(1, 2)
             + centres.pow(2).sum(-1).unsqueeze(1))
 
-
-def _ways(batch: TaskBatch) -> int:
-    """N of an N-way batch (labels are 0..N-1)."""
-    return int(batch.support_y.max()) + 1

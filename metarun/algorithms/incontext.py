@@ -39,12 +39,17 @@ import torch
 from torch import Tensor, nn
 from torch.func import vmap
 
-from metarun.algorithms.base import batch_metrics, task_loss, update_running_statistics
+from metarun.algorithms.base import MetaAlgorithm, batch_metrics, task_loss
 from metarun.algorithms.heatmap import group_breaks, heatmap
 from metarun.benchmarks.base import TaskSpec
+from metarun.defaults import option_defaults
 from metarun.episodes import TaskBatch
 from metarun.errors import UserInputError
+from metarun.models.base import Backbone
 from metarun.models.transformer import LayerNorm
+
+
+_DEFAULTS = option_defaults("algo", "incontext")
 
 
 class SupportAttention(nn.Module):
@@ -84,20 +89,21 @@ class SupportBlock(nn.Module):
         return x + self.mlp(self.norm2(x)), weights
 
 
-class InContextLearner(nn.Module):
+class InContextLearner(nn.Module, MetaAlgorithm):
     """Support (x, y) tokens and query (x, ?) tokens through a Transformer; a head reads the query tokens."""
 
-    supports = frozenset({"classification", "regression"})
+    draws_randomness = True  # the label permutation of every training task
 
     def __init__(
         self,
-        backbone: nn.Module,
+        backbone: Backbone,
         spec: TaskSpec,
-        width: int = 64,
-        depth: int = 2,
-        heads: int = 4,
-        mlp_ratio: float = 2.0,
-        permute_labels: bool = True,
+        width: int = _DEFAULTS["width"],
+        depth: int = _DEFAULTS["depth"],
+        heads: int = _DEFAULTS["heads"],
+        mlp_ratio: float = _DEFAULTS["mlp_ratio"],
+        permute_labels: bool = _DEFAULTS["permute_labels"],
+        generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
         if width < 1 or heads < 1 or width % heads:
@@ -109,6 +115,8 @@ class InContextLearner(nn.Module):
         self.spec = spec
         self.backbone = backbone
         self.permute_labels = permute_labels
+        # the run's algorithm generator (seeded by run.py, saved by the trainer), or a fixed seed for a Python caller
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
         self.embed_x = nn.Linear(int(backbone.out_features), width)
         # classification: one vector per label id; regression: a linear map of the target
         self.embed_y: nn.Module = (nn.Embedding(spec.output_size, width) if spec.kind == "classification"
@@ -147,9 +155,10 @@ class InContextLearner(nn.Module):
     def permuted(self, batch: TaskBatch) -> TaskBatch:
         """The batch with each task's labels relabelled by a random permutation of the ways (training only).
 
-        Drawn on the CPU from the global RNG (checkpointed by the trainer), then moved to the batch's device.
+        Drawn on the CPU from the algorithm's generator, then moved to the batch's device.
         """
-        perm = torch.rand(batch.num_tasks, self.spec.output_size).argsort(dim=1).to(batch.support_y.device)
+        perm = torch.rand(batch.num_tasks, self.spec.output_size, generator=self.generator).argsort(dim=1)
+        perm = perm.to(batch.support_y.device)
         return TaskBatch(batch.support_x, perm.gather(1, batch.support_y), batch.query_x, perm.gather(1, batch.query_y))
 
     def _per_task(self, batch: TaskBatch) -> tuple[Tensor, Tensor]:
@@ -162,7 +171,6 @@ class InContextLearner(nn.Module):
         if self.training and self.permute_labels and self.spec.kind == "classification":
             batch = self.permuted(batch)
         losses, metric = self._per_task(batch)
-        update_running_statistics(self.backbone, self.training, batch.support_x, batch.query_x)
         return losses.mean(), batch_metrics(self.spec, losses, metric)
 
     @torch.no_grad()

@@ -17,10 +17,12 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from metarun.algorithms.base import batch_metrics, task_loss, task_losses, update_running_statistics
+from metarun.algorithms.base import MetaAlgorithm, batch_metrics, task_loss, task_losses
 from metarun.benchmarks.base import TaskSpec
+from metarun.defaults import option_defaults
 from metarun.episodes import TaskBatch
 from metarun.models import per_task
+from metarun.models.base import Backbone
 
 Params = dict[str, Tensor]
 Rate = float | Params  # one inner step size, or one per parameter (Meta-SGD)
@@ -36,21 +38,22 @@ def step_size(rate: Rate, name: str) -> float | Tensor:
     return rate[name] if isinstance(rate, dict) else rate
 
 
-class MAML(nn.Module):
-    """Backbone plus a linear head, adapted per task by `inner_steps` SGD steps on the support set."""
+_DEFAULTS = option_defaults("algo", "maml")
 
-    supports = frozenset({"classification", "regression"})
+
+class MAML(nn.Module, MetaAlgorithm):
+    """Backbone plus a linear head, adapted per task by `inner_steps` SGD steps on the support set."""
 
     def __init__(
         self,
-        backbone: nn.Module,
+        backbone: Backbone,
         spec: TaskSpec,
-        inner_steps: int = 1,
-        inner_lr: float = 0.01,
-        eval_inner_steps: int = 10,
-        eval_inner_lr: float | None = None,
-        first_order: bool = False,
-        adapt: Literal["all", "head"] = "all",
+        inner_steps: int = _DEFAULTS["inner_steps"],
+        inner_lr: float = _DEFAULTS["inner_lr"],
+        eval_inner_steps: int = _DEFAULTS["eval_inner_steps"],
+        eval_inner_lr: float | None = _DEFAULTS["eval_inner_lr"],
+        first_order: bool = _DEFAULTS["first_order"],
+        adapt: Literal["all", "head"] = _DEFAULTS["adapt"],
     ) -> None:
         super().__init__()
         if inner_steps < 0 or eval_inner_steps < 0:
@@ -68,6 +71,10 @@ class MAML(nn.Module):
         self.first_order = first_order
         self.adapt = adapt
 
+    @property
+    def backbone(self) -> Backbone:
+        return self.net.backbone
+
     def _inner_rate(self, evaluation: bool) -> Rate:
         """The inner step size: one number here; Meta-SGD (a subclass) returns a learned tensor per parameter."""
         return self.eval_inner_lr if evaluation else self.inner_lr
@@ -79,15 +86,12 @@ class MAML(nn.Module):
         return functional_call(module, (params, dict(module.named_buffers())), (x,))
 
     def _forward_per_task(self, module: nn.Module, params: Params, x: Tensor) -> Tensor:
-        """`module` (the net, or ANIL's head) on x[t] with task t's parameters params[k][t], for every t:
-        batched matrix products when the backbone offers `forward_per_task` (models/per_task.py), else vmap."""
+        """`module` (the net, or ANIL's head) on x[t] with task t's parameters params[k][t], for every t: the
+        backbone's `forward_per_task` (batched matrix products for the MLP, else vmap), then the head's bmm."""
         if module is self.net.head:
             return per_task.linear(x, params["weight"], params["bias"])
-        backbone_per_task = getattr(self.net.backbone, "forward_per_task", None)
-        if backbone_per_task is None:
-            return vmap(lambda p, xt: self._call(module, p, xt))(params, x)
-        body = submodule_params(params, "backbone.")
-        return per_task.linear(backbone_per_task(body, x), params["head.weight"], params["head.bias"])
+        features = self.backbone.forward_per_task(submodule_params(params, "backbone."), x)
+        return per_task.linear(features, params["head.weight"], params["head.bias"])
 
     def _task_losses(self, module: nn.Module, params: Params, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """Per-task (loss [T], metric [T]) of `module` with task t's parameters params[k][t] on x[t], y[t]."""
@@ -144,7 +148,6 @@ class MAML(nn.Module):
         params = dict(self.net.named_parameters())
         losses, metric = self._adapt_and_score(params, batch, self.inner_steps, self._inner_rate(False),
                                                self.first_order)
-        update_running_statistics(self.net.backbone, self.training, batch.support_x)
         return losses.mean(), batch_metrics(self.spec, losses, metric)
 
     def _detached_rate(self) -> Rate:

@@ -28,13 +28,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import vmap
 
-from metarun.algorithms.base import batch_metrics, task_loss, update_running_statistics
+from metarun.algorithms.base import MetaAlgorithm, batch_metrics, task_loss
 from metarun.algorithms.pretrained import load_backbone
 from metarun.benchmarks.base import TaskSpec
+from metarun.defaults import option_defaults
 from metarun.episodes import TaskBatch
+from metarun.models.base import Backbone
 
 
-class MatchingNet(nn.Module):
+_DEFAULTS = option_defaults("algo", "matching")
+
+
+class MatchingNet(nn.Module, MetaAlgorithm):
     """Cosine attention over the support set, with optional full context embeddings (`fce`)."""
 
     supports = frozenset({"classification"})
@@ -42,12 +47,12 @@ class MatchingNet(nn.Module):
 
     def __init__(
         self,
-        backbone: nn.Module,
+        backbone: Backbone,
         spec: TaskSpec,
-        fce: bool = False,
-        fce_steps: int = 5,
-        temperature: float = 1.0,
-        init_from: str | None = None,
+        fce: bool = _DEFAULTS["fce"],
+        fce_steps: int = _DEFAULTS["fce_steps"],
+        temperature: float = _DEFAULTS["temperature"],
+        init_from: str | None = _DEFAULTS["init_from"],
     ) -> None:
         super().__init__()
         if fce_steps < 1:
@@ -90,7 +95,7 @@ class MatchingNet(nn.Module):
 
     def log_probs(self, batch: TaskBatch) -> Tensor:
         """[T, Q, N] log of each query's attention-weighted label distribution (eq. 1)."""
-        ways = int(batch.support_y.max()) + 1  # labels are 0..N-1
+        ways = self.spec.ways
         support = vmap(self.backbone)(batch.support_x)  # [T, S, D]
         query = vmap(self.backbone)(batch.query_x)  # [T, Q, D]
         if self.fce:
@@ -112,7 +117,6 @@ class MatchingNet(nn.Module):
 
     def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, Tensor]]:
         losses, accuracy = self._per_task(batch)
-        update_running_statistics(self.backbone, self.training, batch.support_x, batch.query_x)
         return losses.mean(), batch_metrics(self.spec, losses, accuracy)
 
     @torch.no_grad()

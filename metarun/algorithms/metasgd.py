@@ -18,6 +18,8 @@ from torch import Tensor, nn
 
 from metarun.algorithms.maml import MAML
 from metarun.benchmarks.base import TaskSpec
+from metarun.defaults import option_defaults
+from metarun.models.base import Backbone
 
 Params = dict[str, Tensor]
 
@@ -27,6 +29,9 @@ def lr_key(name: str) -> str:
     return name.replace(".", "-")
 
 
+_DEFAULTS = option_defaults("algo", "metasgd")
+
+
 class MetaSGD(MAML):
     """Backbone plus a linear head, adapted per task by `inner_steps` steps with learned per-weight rates."""
 
@@ -34,10 +39,10 @@ class MetaSGD(MAML):
         self,
         backbone: nn.Module,
         spec: TaskSpec,
-        inner_steps: int = 1,
-        inner_lr: float = 0.01,
-        eval_inner_steps: int = 1,
-        first_order: bool = False,
+        inner_steps: int = _DEFAULTS["inner_steps"],
+        inner_lr: float = _DEFAULTS["inner_lr"],
+        eval_inner_steps: int = _DEFAULTS["eval_inner_steps"],
+        first_order: bool = _DEFAULTS["first_order"],
     ) -> None:
         super().__init__(backbone, spec, inner_steps=inner_steps, inner_lr=inner_lr,
                          eval_inner_steps=eval_inner_steps, first_order=first_order)

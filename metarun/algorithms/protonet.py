@@ -25,14 +25,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import vmap
 
-from metarun.algorithms.base import batch_metrics, task_loss, update_running_statistics
+from metarun.algorithms.base import MetaAlgorithm, batch_metrics, task_loss
 from metarun.algorithms.pretrained import load_backbone
-from metarun.benchmarks.base import TaskSpec
+from metarun.benchmarks.base import TaskSpec, episode_ways
+from metarun.defaults import option_defaults
 from metarun.episodes import TaskBatch
 from metarun.errors import UserInputError
+from metarun.models.base import Backbone
 
 
-class ProtoNet(nn.Module):
+_DEFAULTS = option_defaults("algo", "protonet")
+
+
+class ProtoNet(nn.Module, MetaAlgorithm):
     """Nearest-prototype classification in the backbone's feature space."""
 
     supports = frozenset({"classification"})
@@ -40,13 +45,13 @@ class ProtoNet(nn.Module):
 
     def __init__(
         self,
-        backbone: nn.Module,
+        backbone: Backbone,
         spec: TaskSpec,
-        distance: Literal["euclidean", "cosine"] = "euclidean",
-        temperature: float = 0.1,
-        train_ways: int | None = None,
-        train_queries: int | None = None,
-        init_from: str | None = None,
+        distance: Literal["euclidean", "cosine"] = _DEFAULTS["distance"],
+        temperature: float = _DEFAULTS["temperature"],
+        train_ways: int | None = _DEFAULTS["train_ways"],
+        train_queries: int | None = _DEFAULTS["train_queries"],
+        init_from: str | None = _DEFAULTS["init_from"],
     ) -> None:
         super().__init__()
         if distance not in ("euclidean", "cosine"):
@@ -68,13 +73,13 @@ class ProtoNet(nn.Module):
             load_backbone(backbone, init_from)
 
     def train_episode(self) -> dict[str, int]:
-        """Overrides of the benchmark's episode shape for meta-training episodes (the trainer asks)."""
+        """Overrides of the benchmark's episode shape for meta-training episodes (the trainer asks for them)."""
         shape = {"ways": self.train_ways, "queries": self.train_queries}
         return {k: v for k, v in shape.items() if v is not None}
 
     def logits(self, batch: TaskBatch) -> Tensor:
         """[T, Q, N] class scores of every query: -squared distance, or cosine / temperature."""
-        ways = _ways(batch)
+        ways = self._ways()
         support = vmap(self.backbone)(batch.support_x)  # [T, S, D]
         query = vmap(self.backbone)(batch.query_x)  # [T, Q, D]
         onehot = F.one_hot(batch.support_y, ways).to(support.dtype)  # [T, S, N]
@@ -97,7 +102,6 @@ class ProtoNet(nn.Module):
         if self.training and self.train_episode():
             self._check_train_episode(batch)
         losses, accuracy = self._per_task(batch)
-        update_running_statistics(self.backbone, self.training, batch.support_x, batch.query_x)
         return losses.mean(), batch_metrics(self.spec, losses, accuracy)
 
     @torch.no_grad()
@@ -106,16 +110,15 @@ class ProtoNet(nn.Module):
 
     def _check_train_episode(self, batch: TaskBatch) -> None:
         """Training silently on benchmark-shaped episodes would ignore the config: say so instead."""
-        ways = _ways(batch)
-        got = {"ways": ways, "queries": batch.query_y.shape[1] // ways}
-        wrong = {k: v for k, v in self.train_episode().items() if got[k] != v}
-        if wrong:
-            asked = ", ".join(f"algo.train_{k}={v}" for k, v in wrong.items())
-            seen = ", ".join(f"{k}={got[k]}" for k in wrong)
-            fix = " and ".join(f"algo.train_{k}=null" for k in wrong)
-            raise UserInputError(f"{asked} but the training episodes have {seen}: the trainer did not ask the "
-                                 f"benchmark for this episode shape; set {fix}")
+        ways, queries = self._ways(), self.train_episode().get("queries", self.spec.queries)
+        support, query = batch.support_y.shape[1], batch.query_y.shape[1]
+        if support == ways * self.spec.shots and query == ways * queries:
+            return
+        asked = ", ".join(f"algo.train_{k}={v}" for k, v in self.train_episode().items())
+        fix = " and ".join(f"algo.train_{k}=null" for k in self.train_episode())
+        raise UserInputError(f"{asked} but the training episodes have {support} support and {query} query examples "
+                             f"per task: the trainer did not ask the benchmark for this episode shape; set {fix}")
 
-def _ways(batch: TaskBatch) -> int:
-    """N of an N-way batch (labels are 0..N-1); N may differ between training and test episodes."""
-    return int(batch.support_y.max()) + 1
+    def _ways(self) -> int:
+        """N of the episodes at hand: the meta-training shape when training, the benchmark's otherwise."""
+        return episode_ways(self.spec, self.train_episode()) if self.training else self.spec.ways

@@ -15,8 +15,8 @@ Details, and where they depart from the authors' code (openai/supervised-reptile
   functional_call), under no_grad: the meta-update needs no graph through the inner loop.
 - Mini-batches (`inner_batch_size`, null = the whole set at every step) walk through the task's data
   in a fresh random order each epoch, carrying over epoch boundaries, as the authors' code does. The
-  order comes from the algorithm's own generator (seeded from the run's seed at construction and
-  saved in the checkpoint, so a resumed run draws the same batches); evaluation uses a fixed seed.
+  order comes from the run's algorithm generator (seeded by run.py, its state saved by the trainer in
+  every checkpoint, so a resumed run draws the same batches); evaluation uses a fixed seed.
 - `train_on: all` meta-trains on the whole training episode (support and query): Reptile does not
   split a training task, and the paper meta-trains on more examples per class ("train shots") than
   it tests with. `support` (the default) keeps the query set held out, so the logged loss is MAML's.
@@ -37,9 +37,11 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from metarun.algorithms.base import batch_metrics, task_loss, update_running_statistics
+from metarun.algorithms.base import MetaAlgorithm, batch_metrics, task_loss
 from metarun.benchmarks.base import TaskSpec
+from metarun.defaults import option_defaults
 from metarun.episodes import TaskBatch
+from metarun.models.base import Backbone
 
 Params = dict[str, Tensor]
 
@@ -56,22 +58,26 @@ def mini_batch_indices(num_tasks: int, size: int, steps: int, batch_size: int, g
     return order.flatten(1)[:, : steps * batch_size].reshape(num_tasks, steps, batch_size)
 
 
-class Reptile(nn.Module):
+_DEFAULTS = option_defaults("algo", "reptile")
+
+
+class Reptile(nn.Module, MetaAlgorithm):
     """Backbone plus a linear head (as MAML's), meta-trained by moving towards per-task fine-tuned weights."""
 
-    supports = frozenset({"classification", "regression"})
+    draws_randomness = True  # the order of the inner mini-batches
 
     def __init__(
         self,
-        backbone: nn.Module,
+        backbone: Backbone,
         spec: TaskSpec,
-        inner_steps: int = 5,
-        inner_lr: float = 0.001,
-        inner_optimizer: Literal["sgd", "adam"] = "adam",
-        inner_batch_size: int | None = 10,
-        train_on: Literal["support", "all"] = "support",
-        eval_inner_steps: int = 50,
-        eval_inner_batch_size: int | None = None,
+        inner_steps: int = _DEFAULTS["inner_steps"],
+        inner_lr: float = _DEFAULTS["inner_lr"],
+        inner_optimizer: Literal["sgd", "adam"] = _DEFAULTS["inner_optimizer"],
+        inner_batch_size: int | None = _DEFAULTS["inner_batch_size"],
+        train_on: Literal["support", "all"] = _DEFAULTS["train_on"],
+        eval_inner_steps: int = _DEFAULTS["eval_inner_steps"],
+        eval_inner_batch_size: int | None = _DEFAULTS["eval_inner_batch_size"],
+        generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
         if inner_steps < 0 or eval_inner_steps < 0:
@@ -94,15 +100,13 @@ class Reptile(nn.Module):
         self.train_on = train_on
         self.eval_inner_steps = eval_inner_steps
         self.eval_inner_batch_size = eval_inner_batch_size
-        # Shuffles the training mini-batches; seeded from torch's RNG, which run.py seeds before building.
-        self.shuffle = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ()).item()))
+        # Shuffles the training mini-batches: the run's algorithm generator (seeded by run.py, saved by the
+        # trainer in every checkpoint), or a fixed seed for a Python caller that passes none.
+        self.shuffle = generator if generator is not None else torch.Generator().manual_seed(0)
 
-    # the shuffling generator travels in state_dict, hence in checkpoints
-    def get_extra_state(self) -> Tensor:
-        return self.shuffle.get_state()
-
-    def set_extra_state(self, state: Tensor) -> None:
-        self.shuffle.set_state(state)
+    @property
+    def backbone(self) -> Backbone:
+        return self.net.backbone
 
     # -- the per-task computation (no task dimension; vmapped over tasks) ---------------------------
 
@@ -159,7 +163,6 @@ class Reptile(nn.Module):
         # gradient of 0.5 * ||theta - target||^2 is theta - target: SGD(lr=epsilon) then steps towards the target
         surrogate = torch.stack([0.5 * (p - adapted[k].mean(dim=0)).pow(2).sum()
                                  for k, p in self.net.named_parameters()]).sum()
-        update_running_statistics(self.net.backbone, self.training, batch.support_x, batch.query_x)
         return surrogate, batch_metrics(self.spec, losses, metric)
 
     @torch.no_grad()

@@ -46,13 +46,30 @@ class TaskSpec:
 
 
 class Benchmark(Protocol):
-    """A task distribution with train/val/test splits."""
+    """A task distribution with train/val/test splits. Implementations subclass this Protocol explicitly,
+    which gives them the default of every optional hook (run.py and the trainer call them directly)."""
 
     spec: TaskSpec
 
-    def sample(self, split: str, num_tasks: int, generator: torch.Generator) -> TaskBatch:
-        """`num_tasks` episodes of `split`, drawn only from `generator` (never the global RNG)."""
+    def sample(self, split: str, num_tasks: int, generator: torch.Generator, *, ways: int | None = None,
+               shots: int | None = None, queries: int | None = None) -> TaskBatch:
+        """`num_tasks` episodes of `split`, drawn only from `generator` (never the global RNG).
+
+        `ways`, `shots`, `queries` (None: the spec's) ask for another episode shape than the spec's, e.g. the
+        wider meta-training episodes of Prototypical Networks; a benchmark that cannot give a shape raises
+        UserInputError naming the key (run.py draws one such episode at start-up, so that is one line)."""
         ...
+
+    def to(self, device: torch.device | str) -> "Benchmark":
+        """Move whatever the episodes are built from (an image store) to `device`. Default: nothing to move
+        (episodes are drawn on the CPU and the trainer moves them)."""
+        return self
+
+
+def episode_ways(spec: TaskSpec, shape: dict[str, int]) -> int:
+    """The ways of episodes drawn with the shape overrides `shape` (a `train_episode()`): the one rule by which
+    an algorithm knows N without reading it back from the labels (which would also cost a device sync)."""
+    return int(shape.get("ways", spec.ways))
 
 
 def pool_seed(base_seed: int, split: str, chunk: int) -> int:

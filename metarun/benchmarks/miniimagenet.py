@@ -20,7 +20,11 @@ from metarun.benchmarks.decode import DecodeError, Preprocess, decode_all, to_ar
 from metarun.benchmarks.miniimagenet_source import MiniSource, detect, image_classes, pickle_classes
 from metarun.benchmarks.sampler import EpisodeSampler, SamplerBackedBenchmark
 from metarun.benchmarks.store import cached_store
+from metarun.defaults import option_defaults
 from metarun.errors import UserInputError
+
+
+_DEFAULTS = option_defaults("benchmark", "miniimagenet")
 
 
 class MiniImageNetBenchmark(SamplerBackedBenchmark):
@@ -28,13 +32,13 @@ class MiniImageNetBenchmark(SamplerBackedBenchmark):
 
     def __init__(
         self,
-        root: str = "data/miniimagenet",
-        ways: int = 5,
-        shots: int = 1,
-        queries: int = 15,
-        image_size: int = 84,
-        cache_dir: str | None = None,
-        decode_workers: int = 2,
+        root: str = _DEFAULTS["root"],
+        ways: int = _DEFAULTS["ways"],
+        shots: int = _DEFAULTS["shots"],
+        queries: int = _DEFAULTS["queries"],
+        image_size: int = _DEFAULTS["image_size"],
+        cache_dir: str | None = _DEFAULTS["cache_dir"],
+        decode_workers: int = _DEFAULTS["decode_workers"],
     ) -> None:
         from metarun.console import console
 

@@ -19,7 +19,11 @@ from metarun.benchmarks.decode import DecodeError, Preprocess, decode_all
 from metarun.benchmarks.omniglot_source import OmniglotSource, Split, check_archive, locate, make_split
 from metarun.benchmarks.sampler import EpisodeSampler, SamplerBackedBenchmark
 from metarun.benchmarks.store import cached_store
+from metarun.defaults import option_defaults
 from metarun.errors import UserInputError
+
+
+_DEFAULTS = option_defaults("benchmark", "omniglot")
 
 
 class OmniglotBenchmark(SamplerBackedBenchmark):
@@ -32,16 +36,16 @@ class OmniglotBenchmark(SamplerBackedBenchmark):
 
     def __init__(
         self,
-        root: str = "data/omniglot",
-        ways: int = 5,
-        shots: int = 1,
-        queries: int = 15,
-        split_scheme: str = "vinyals",
-        image_size: int = 28,
-        rotations: Sequence[int] = (0, 90, 180, 270),
-        split_seed: int = 0,
-        cache_dir: str | None = None,
-        decode_workers: int = 2,
+        root: str = _DEFAULTS["root"],
+        ways: int = _DEFAULTS["ways"],
+        shots: int = _DEFAULTS["shots"],
+        queries: int = _DEFAULTS["queries"],
+        split_scheme: str = _DEFAULTS["split_scheme"],
+        image_size: int = _DEFAULTS["image_size"],
+        rotations: Sequence[int] = _DEFAULTS["rotations"],
+        split_seed: int = _DEFAULTS["split_seed"],
+        cache_dir: str | None = _DEFAULTS["cache_dir"],
+        decode_workers: int = _DEFAULTS["decode_workers"],
     ) -> None:
         from metarun.console import console
 

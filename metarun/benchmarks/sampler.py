@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from metarun.benchmarks.base import Benchmark
 from metarun.episodes import TaskBatch
 from metarun.errors import UserInputError
 
@@ -105,7 +106,7 @@ class EpisodeSampler:
         return layout
 
 
-class SamplerBackedBenchmark:
+class SamplerBackedBenchmark(Benchmark):
     """What the image benchmarks share once their store is built: episodes and device moves go to
     `self.sampler` (an EpisodeSampler), so each benchmark only reads its data format."""
 

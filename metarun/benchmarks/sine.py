@@ -10,23 +10,27 @@ from collections.abc import Sequence
 
 import torch
 
-from metarun.benchmarks.base import SPLITS, TaskSpec
+from metarun.benchmarks.base import SPLITS, Benchmark, TaskSpec
+from metarun.defaults import option_defaults
 from metarun.episodes import TaskBatch
 from metarun.errors import UserInputError
 
 
-class SineBenchmark:
+_DEFAULTS = option_defaults("benchmark", "sine")
+
+
+class SineBenchmark(Benchmark):
     """K support and Q query points per task. Splits share the distribution; their generators differ."""
 
     def __init__(
         self,
-        shots: int = 10,
-        queries: int = 10,
-        ways: int = 1,
-        amplitude: Sequence[float] = (0.1, 5.0),
-        phase: Sequence[float] = (0.0, math.pi),
-        x_range: Sequence[float] = (-5.0, 5.0),
-        root: str | None = None,
+        shots: int = _DEFAULTS["shots"],
+        queries: int = _DEFAULTS["queries"],
+        ways: int = _DEFAULTS["ways"],
+        amplitude: Sequence[float] = _DEFAULTS["amplitude"],
+        phase: Sequence[float] = _DEFAULTS["phase"],
+        x_range: Sequence[float] = _DEFAULTS["x_range"],
+        root: str | None = _DEFAULTS["root"],
     ) -> None:
         if ways != 1:
             raise UserInputError(f"benchmark=sine is regression with one output, so benchmark.ways must be 1 (got {ways})")
@@ -40,10 +44,13 @@ class SineBenchmark:
             name="sine", kind="regression", input_shape=(1,), output_size=1, ways=1, shots=shots, queries=queries
         )
 
-    def sample(self, split: str, num_tasks: int, generator: torch.Generator) -> TaskBatch:
+    def sample(self, split: str, num_tasks: int, generator: torch.Generator, *, ways: int | None = None,
+               shots: int | None = None, queries: int | None = None) -> TaskBatch:
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}")
-        shots, queries = self.spec.shots, self.spec.queries
+        if ways not in (None, 1):
+            raise UserInputError(f"benchmark=sine has one output per task, so its episodes cannot be {ways}-way")
+        shots, queries = shots or self.spec.shots, queries or self.spec.queries
 
         def uniform(low_high: tuple[float, float], *shape: int) -> torch.Tensor:
             low, high = low_high

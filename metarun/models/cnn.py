@@ -37,16 +37,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import vmap
+from metarun.defaults import option_defaults
+from metarun.models.base import Backbone
 
 BatchNormMode = Literal["transductive", "inductive", "none"]
 BN_MODES: tuple[str, ...] = ("transductive", "inductive", "none")
 BLOCKS = 4
+UPDATE_CHUNK = 8  # tasks per no-grad pass of update_running_stats
 
 
 def batch_moments(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel mean and (biased) variance of one task's [N, C, H, W] batch over N, H and W."""
     var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
     return mean, var
+
+
+_DEFAULTS = option_defaults("model", "cnn")
 
 
 class TaskBatchNorm(nn.Module):
@@ -104,7 +110,7 @@ class ConvBlock(nn.Module):
         return size // 2 if self.pool else (size + 1) // 2
 
 
-class ConvNet(nn.Module):
+class ConvNet(nn.Module, Backbone):
     """Conv-4 (Vinyals et al. 2016; Finn et al. 2017): [N, C, H, W] images -> [N, out_features] features.
 
     Features are the flattened last feature map, so `out_features` = filters * h * w depends on the
@@ -116,10 +122,10 @@ class ConvNet(nn.Module):
     def __init__(
         self,
         input_shape: Sequence[int],
-        filters: int = 64,
-        stride: int = 1,
-        bn: BatchNormMode = "transductive",
-        bn_momentum: float = 0.1,
+        filters: int = _DEFAULTS["filters"],
+        stride: int = _DEFAULTS["stride"],
+        bn: BatchNormMode = _DEFAULTS["bn"],
+        bn_momentum: float = _DEFAULTS["bn_momentum"],
     ) -> None:
         super().__init__()
         if len(input_shape) != 3:
@@ -162,24 +168,29 @@ class ConvNet(nn.Module):
     def update_running_stats(self, *image_sets: Tensor) -> None:
         """Inductive mode: move the running statistics towards those of the images (no-op otherwise).
 
-        Each of `image_sets` is [T, N_i, C, H, W]; a task's sets are joined into one batch per task
-        (MAML passes its support sets only, metric-based learners support and query). MAML calls this after its vmapped meta-loss,
-        because the vmapped pass cannot write a shared buffer, with the support sets: a separate
-        no-grad forward pass with the meta-parameters. Each task's set is normalised with its own
-        statistics, as in training, and the running statistics move once per meta-batch towards
-        their mean over tasks (each set a batch, as a per-task loop would feed nn.BatchNorm2d).
+        The trainer calls this once per training step, outside the vmapped meta-loss (which cannot write a
+        shared buffer), with the support and the query images of the step's tasks, each [T, N_i, C, H, W]:
+        a separate no-grad forward pass with the meta-parameters, whatever the algorithm. A task's sets are
+        joined into one batch, normalised with its own statistics as in training, and the running statistics
+        move once per step towards the mean over tasks of the per-task statistics (each task a batch, as a
+        per-task loop would feed nn.BatchNorm2d). Both sets, because at test time the running statistics
+        normalise both (a per-task loop with nn.BatchNorm2d sees the support set in the inner steps and the
+        query set in the outer loss); the support sets alone estimate the same statistics more noisily.
+        Tasks go through in chunks of UPDATE_CHUNK, so the extra pass never holds more than that many tasks'
+        activations; the mean over tasks is the same.
 
-        Two approximations, chosen for cost: support and query images of a task come from the same
-        classes, so the support sets estimate the same statistics as the queries (more noisily) at
-        a fraction of the cost (5 against 75 images per task in 5-way 1-shot 15-query; passing the
-        queries too made a second-order Omniglot meta-iteration ~35% slower, measured); and they are
-        the statistics of the network before adaptation, which the adapted network approximates
-        after a few small inner steps (MAML++, Antoniou et al., ICLR 2019, keeps one set per inner
-        step instead; not done here).
+        They are the statistics of the network before adaptation, which the adapted network approximates
+        after a few small inner steps (MAML++, Antoniou et al., ICLR 2019, keeps one set per inner step
+        instead; not done here).
         """
         if self.bn != "inductive":
             return
         images = image_sets[0] if len(image_sets) == 1 else torch.cat(image_sets, dim=1)
-        for block, (mean, var) in zip(self.blocks, vmap(self._layer_moments)(images)):
-            block.norm.update(mean.mean(dim=0), var.mean(dim=0))
-
+        sums: list[tuple[Tensor, Tensor]] | None = None
+        for start in range(0, images.shape[0], UPDATE_CHUNK):
+            moments = vmap(self._layer_moments)(images[start:start + UPDATE_CHUNK])
+            part = [(mean.sum(dim=0), var.sum(dim=0)) for mean, var in moments]
+            sums = part if sums is None else [(m + pm, v + pv) for (m, v), (pm, pv) in zip(sums, part)]
+        assert sums is not None
+        for block, (mean, var) in zip(self.blocks, sums):
+            block.norm.update(mean / images.shape[0], var / images.shape[0])

@@ -8,15 +8,18 @@ import math
 import torch
 from torch import Tensor, nn
 
+from metarun.defaults import option_defaults
 from metarun.models import per_task
+from metarun.models.base import Backbone
+
+_DEFAULTS = option_defaults("model", "mlp")
 
 
-class MLP(nn.Module):
+class MLP(nn.Module, Backbone):
     """Flattens the input and applies Linear+ReLU layers; `out_features` tells the algorithm the feature size."""
 
-    accepts = frozenset({"vector", "image"})
 
-    def __init__(self, input_shape: Sequence[int], hidden: Sequence[int] = (40, 40)) -> None:
+    def __init__(self, input_shape: Sequence[int], hidden: Sequence[int] = _DEFAULTS["hidden"]) -> None:
         super().__init__()
         if not hidden or any(h < 1 for h in hidden):
             raise ValueError(f"model.hidden must list positive layer widths (got {list(hidden)})")

@@ -38,8 +38,13 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from metarun.defaults import option_defaults
+from metarun.models.base import Backbone
 
 Pool = Literal["cls", "mean"]
+
+
+_DEFAULTS = option_defaults("model", "transformer")
 
 
 class SelfAttention(nn.Module):
@@ -151,25 +156,23 @@ class FeatureTokenizer(nn.Module):
         return tokens
 
 
-class Transformer(nn.Module):
+class Transformer(nn.Module, Backbone):
     """Tokens (image patches or vector features), `depth` pre-LN blocks, final LayerNorm, pooled to `width`.
 
     `pool="cls"` prepends a learned class token and returns its output (ViT); `pool="mean"` averages
     the token outputs and has no class token.
     """
 
-    accepts = frozenset({"vector", "image"})
-
     def __init__(
         self,
         input_shape: Sequence[int],
-        width: int = 64,
-        depth: int = 2,
-        heads: int = 4,
-        mlp_ratio: float = 2.0,
-        patch: int = 7,
-        pool: Pool = "cls",
-        fourier_features: int = 8,
+        width: int = _DEFAULTS["width"],
+        depth: int = _DEFAULTS["depth"],
+        heads: int = _DEFAULTS["heads"],
+        mlp_ratio: float = _DEFAULTS["mlp_ratio"],
+        patch: int = _DEFAULTS["patch"],
+        pool: Pool = _DEFAULTS["pool"],
+        fourier_features: int = _DEFAULTS["fourier_features"],
     ) -> None:
         super().__init__()
         shape = tuple(int(s) for s in input_shape)

@@ -1,0 +1,38 @@
+"""The backbone contract: input -> features. Heads belong to algorithms, so one backbone serves every algorithm.
+
+Backbones are nn.Modules that subclass `Backbone` explicitly, which gives them the default behaviour of
+every optional hook below; run.py, the algorithms and the trainer call the hooks directly, never probing.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal, Protocol
+
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+
+InputKind = Literal["vector", "image"]
+
+
+class Backbone(Protocol):
+    """`forward(x [N, *input_shape]) -> [N, out_features]`, built with the benchmark's `input_shape`."""
+
+    # what run.py checks the benchmark's inputs against before building (one-line refusal otherwise)
+    accepts: ClassVar[frozenset[InputKind]] = frozenset({"vector", "image"})
+    out_features: int  # the feature size an algorithm's head or metric reads
+
+    def forward_per_task(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
+        """The forward pass of T tasks at once, task t with its own weights: x [T, N, *input_shape],
+        params[name] [T, *shape] -> [T, N, out_features]. MAML adapts one copy of the weights per task.
+
+        Default: torch.func.vmap over a functional_call. A model simple enough to write it as batched
+        matrix products overrides it (MLP: models/per_task.py), which skips vmap's per-call Python."""
+        assert isinstance(self, nn.Module)
+        buffers = dict(self.named_buffers())
+        return vmap(lambda p, xt: functional_call(self, (p, buffers), (xt,)))(params, x)
+
+    def update_running_stats(self, *image_sets: Tensor) -> None:
+        """Move running normalisation statistics towards those of `image_sets` (each [T, N_i, *input_shape]).
+
+        Called by the trainer once per training step, outside any vmapped pass (a buffer cannot be written
+        under vmap), with the support and query inputs of the step's tasks. Default: nothing to update."""
