@@ -8,7 +8,10 @@ import torch
 
 from metarun.algorithms.base import MetaAlgorithm
 from metarun.benchmarks.base import Benchmark, task_pool
+from metarun.defaults import option_defaults
 from metarun.stats import Estimate, mean_ci95
+
+_TRAINER = option_defaults("trainer", "default")  # the pool's size and seed, as `metarun train` tests with
 
 # Input pixels per evaluation forward on CPU (2,048 Omniglot images of 28x28). The task batch
 # (trainer.eval_batch_size) is cut so that one forward holds at most this many: 50 Omniglot 20-way 1-shot
@@ -21,18 +24,21 @@ CPU_EVAL_PIXELS = 2048 * 28 * 28
 def evaluate_pool(
     algorithm: MetaAlgorithm,
     benchmark: Benchmark,
-    split: str,
-    num_tasks: int,
-    pool_seed: int,
-    device: torch.device,
-    batch_size: int,
+    split: str = "test",
+    num_tasks: int = _TRAINER["eval_tasks"],
+    pool_seed: int = _TRAINER["pool_seed"],
+    device: torch.device | None = None,
+    batch_size: int = _TRAINER["eval_batch_size"],
 ) -> dict[str, Estimate]:
-    """Per-task metrics over the pool, reduced to estimates. The algorithm is put in eval mode and back."""
+    """Per-task metrics over the pool, reduced to estimates. The algorithm is put in eval mode and back.
+    `device` None: the device of the algorithm's parameters."""
+    if device is None:
+        device = next(algorithm.parameters()).device  # type: ignore[attr-defined]
     spec = benchmark.spec
     if device.type == "cpu" and spec.is_image:
         pixels_per_task = spec.ways * (spec.shots + spec.queries) * spec.input_shape[1] * spec.input_shape[2]
         batch_size = max(1, min(batch_size, CPU_EVAL_PIXELS // pixels_per_task))
-    was_training = getattr(algorithm, "training", False)
+    was_training = algorithm.training  # type: ignore[attr-defined]
     algorithm.eval()  # type: ignore[attr-defined]
     values: dict[str, list[torch.Tensor]] = defaultdict(list)
     try:

@@ -82,6 +82,7 @@ class EpisodicTrainer:
         self.window: dict[str, list[torch.Tensor]] = {}
         self.best: dict[str, float | int] = {}
         self._signal: int | None = None
+        self.phase = "training"  # what a signal interrupts (see _StopOnSignal)
 
     # -- state -------------------------------------------------------------------------------------
 
@@ -159,9 +160,12 @@ class EpisodicTrainer:
                 if self._signal is not None:
                     save_checkpoint(self.state(), self.ckpt_dir / "last.pt")
                     raise Interrupted(self._signal, self.step, self.ckpt_dir / "last.pt")
-        if not self.dist.is_main:
-            return {}
-        with _StopOnSignal(self, phase="final test evaluation"):
+            if not self.dist.is_main:
+                return {}
+            # from here a signal stops at once: last.pt holds the final step, and resuming re-runs the test
+            self.phase = "final test evaluation"
+            if self._signal is not None:
+                raise Interrupted(self._signal, self.step, self.ckpt_dir / "last.pt", self.phase)
             return self.test()
 
     def _backward(self, batch: TaskBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -248,17 +252,17 @@ class EpisodicTrainer:
 
 class _StopOnSignal:
     """In training, turn SIGINT/SIGTERM into a flag the loop checks at step boundaries, so a step is never
-    half-saved. In the final test evaluation (any other `phase`), stop at once: nothing is left to save."""
+    half-saved. In the final test evaluation (the trainer's other `phase`), stop at once: nothing is left to save."""
 
-    def __init__(self, trainer: EpisodicTrainer, phase: str = "training") -> None:
+    def __init__(self, trainer: EpisodicTrainer) -> None:
         self.trainer = trainer
-        self.phase = phase
         self.previous: dict[int, Any] = {}
 
     def __enter__(self) -> None:
         def handler(signum: int, frame: Any) -> None:
-            if self.phase != "training":
-                raise Interrupted(signum, self.trainer.step, self.trainer.ckpt_dir / "last.pt", self.phase)
+            trainer = self.trainer
+            if trainer.phase != "training":
+                raise Interrupted(signum, trainer.step, trainer.ckpt_dir / "last.pt", trainer.phase)
             if self.trainer._signal is not None:  # a second Ctrl-C: stop now, last.pt is the previous one
                 raise KeyboardInterrupt
             self.trainer._signal = signum
