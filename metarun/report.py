@@ -1,12 +1,20 @@
 """`metarun report DIR...`: every results.json under the given directories, grouped by the swept
 settings, aggregated over seeds, printed as a table and optionally written as md, csv or json.
-`--paper` keeps the runs of presets with a published figure: the paper-reproduction table.
+`--paper` keeps the runs of presets with a figure to compare with: the paper-reproduction table.
 
-A group is the run's command-line overrides minus the seed (and minus settings that do not change
-the result: output paths, logging, device); a `metarun eval` result adds the overrides of the training
-run that wrote its checkpoint. Per group: the mean over seeds, the spread across seeds
-(sample std), the mean of the per-run 95% CIs, and the number of runs. When the run's config carries
-a published figure (`paper:` in an experiment preset), it is shown beside ours.
+A setting (a group) is the run's command-line overrides minus the keys in NOT_A_SETTING: the seed (seeds
+of one setting pool) and what does not change the result (data roots and caches, output paths, logging,
+device, threads, a figure typed as `paper.*`). A `metarun eval` result adds the overrides of the training
+run that wrote its checkpoint. `setting_of` is the one rule; `metarun check` keys its baseline by it.
+`algo.init_from=PATH` stays, in full: the starting weights change the result, and a shortened path could
+name two different checkpoints alike. Per group: the mean over seeds, the spread across seeds (sample
+std), the mean of the per-run 95% CIs, the number of runs, and `pooled_figure`'s 95% CI of the mean.
+
+A preset's figure is shown beside ours with its kind in the `source` column: `paper:` holds a published
+figure ("paper (Snell et al. 2017, Table 1)"), `reference:` one we measured ourselves ("ours (reference)").
+When a preset has both, the published one is compared. A figure whose `metric` names a per-step metric of
+the result (`mse@1`) is compared with that metric of ours, not the headline. Verdict: within the combined
+95% CIs, above, or below.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import argparse
 import csv
 import io
 import json
+import math
 import statistics
 import sys
 from dataclasses import dataclass, field
@@ -28,8 +37,46 @@ from metarun.checkpoint import checkpoint_run_dir, run_overrides
 from metarun.console import console
 from metarun.errors import UserInputError
 
-# Overrides that name where or how a run was recorded, not what it computed.
-_NOT_A_SETTING = ("seed=", "hydra.", "ckpt_path=", "logger.", "device=", "trainer.log_every=", "trainer.eval_batch_size=")
+# Override keys that are not part of a setting (a key, or everything below it: `hydra.run.dir`, `hydra/launcher`).
+# The one list: report groups by it, check keys its baseline by it.
+NOT_A_SETTING = (
+    "seed",  # seeds of one setting pool: mean and spread over seeds
+    # where or how a run was recorded or ran, not what it computed
+    "hydra", "ckpt_path", "logger", "device", "threads", "trainer.log_every", "trainer.eval_batch_size",
+    "benchmark.root", "benchmark.cache_dir", "benchmark.decode_workers",  # where the data is read and cached
+    "paper", "reference",  # a figure to compare with, typed on the command line, computes nothing
+)
+# Shown in a setting's first part (algo/model/benchmark (split)), not repeated among its overrides.
+_IN_BASE = ("algo", "model", "benchmark", "split")
+
+
+def override_key(override: str) -> str:
+    """`+benchmark.root=/x` -> `benchmark.root`."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def is_setting(override: str) -> bool:
+    key = override_key(override)
+    return not any(key == k or key.startswith((f"{k}.", f"{k}/")) for k in NOT_A_SETTING)
+
+
+def setting_of(results: dict[str, Any], overrides: list[str]) -> str:
+    """A run's setting: `algo/model/benchmark (split)` and its overrides that change the result, sorted.
+    Later overrides of a key win (an eval's own over its training run's)."""
+    by_key = {override_key(o): o for o in overrides}
+    kept = sorted(o for key, o in by_key.items() if is_setting(o) and key not in _IN_BASE)
+    base = f"{results.get('algo')}/{results.get('model')}/{results.get('benchmark')} ({results.get('split', 'test')})"
+    return " ".join([base, *kept])
+
+
+def pooled_figure(means: list[float], ci95s: list[float]) -> tuple[float, float]:
+    """A setting's figure over its seeds: (mean of the seeds' means, 95% CI of that mean). The CI combines
+    the task-pool CI, the mean of the per-run CIs (every seed is scored on the same fixed pool, so this part
+    does not shrink with more seeds), and the seeds' spread, 1.96 * std / sqrt(n) (normal approximation; 0
+    for one run): sqrt(task^2 + spread^2). For one run it is that run's mean and CI."""
+    mean = statistics.fmean(means)
+    spread = 1.96 * statistics.stdev(means) / math.sqrt(len(means)) if len(means) > 1 else 0.0
+    return mean, math.hypot(statistics.fmean(ci95s), spread)
 
 
 @dataclass
@@ -37,7 +84,21 @@ class Run:
     path: Path
     results: dict[str, Any]
     setting: str
-    paper: dict[str, Any] | None = None
+    paper: dict[str, Any] | None = None  # a published figure (preset `paper:`)
+    reference: dict[str, Any] | None = None  # our own measured figure (preset `reference:`)
+
+    def figure(self) -> tuple[str, dict[str, Any]] | None:
+        """("paper" | "reference", figure) to compare with: the published one first."""
+        if self.paper:
+            return "paper", self.paper
+        return ("reference", self.reference) if self.reference else None
+
+    def value(self, metric: str | None) -> tuple[float, float] | None:
+        """(mean, ci95) of `metric`: the headline, or a per-step metric of the result (`mse@1`); None if absent."""
+        if metric in (None, self.results["metric"]):
+            return self.results["mean"], self.results["ci95"]
+        found = (self.results.get("metrics") or {}).get(metric)
+        return (found["mean"], found["ci95"]) if isinstance(found, dict) and "mean" in found else None
 
 
 @dataclass
@@ -50,31 +111,48 @@ class Group:
     def means(self) -> list[float]:
         return [r.results["mean"] for r in self.runs]
 
+    def pooled(self) -> tuple[float, float]:
+        """(mean over seeds, 95% CI of that mean): what `metarun check` stores and compares."""
+        return pooled_figure(self.means, [r.results["ci95"] for r in self.runs])
+
     def row(self) -> dict[str, Any]:
         means = self.means
-        paper = next((r.paper for r in self.runs if r.paper), None)
-        mean_ci = statistics.fmean(r.results["ci95"] for r in self.runs)
+        figure = next((f for f in (r.figure() for r in self.runs) if f), None)
         return {
             "setting": self.setting, "metric": self.metric, "runs": len(means),
             "seeds": sorted({r.results.get("seed") for r in self.runs}),
             "mean": statistics.fmean(means),
             "seed_std": statistics.stdev(means) if len(means) > 1 else 0.0,
             "mean_ci95": statistics.fmean(r.results["ci95"] for r in self.runs),
+            "ci95": self.pooled()[1],
             "tasks": self.runs[0].results.get("tasks"),
-            "paper_mean": None if not paper else paper.get("mean"),
-            "paper_ci95": None if not paper else paper.get("ci95"),
-            **paper_verdict(statistics.fmean(means), mean_ci, paper),
+            **self._against(figure),
         }
 
+    def _against(self, figure: tuple[str, dict[str, Any]] | None) -> dict[str, Any]:
+        """The preset's figure, labelled by kind, and ours against it (on the figure's metric)."""
+        if figure is None:
+            return {"figure": None, "source": None, "figure_metric": None, "figure_mean": None,
+                    "figure_ci95": None, "difference": None, "verdict": None}
+        kind, fig = figure
+        metric = fig.get("metric") if fig.get("metric") not in (None, self.metric) else None
+        label = f"paper ({fig.get('source') or 'source not given'})" if kind == "paper" else "ours (reference)"
+        values = [r.value(metric) for r in self.runs]
+        out = {"figure": kind, "source": label + (f" on {metric}" if metric else ""),
+               "figure_metric": metric or self.metric, "figure_mean": fig["mean"], "figure_ci95": fig.get("ci95"),
+               "difference": None, "verdict": None}
+        if all(values):
+            mean, ci95 = pooled_figure([v[0] for v in values], [v[1] for v in values])
+            out.update(figure_verdict(mean, ci95, fig))
+        return out
 
-def paper_verdict(mean: float, ci95: float, paper: dict[str, Any] | None) -> dict[str, Any]:
-    """Our figure against the published one: within the combined 95% CIs, above, or below."""
-    if not paper or paper.get("mean") is None:
-        return {"paper_diff": None, "paper_verdict": None}
-    diff = mean - float(paper["mean"])
-    combined = (ci95**2 + float(paper.get("ci95") or 0.0) ** 2) ** 0.5
+
+def figure_verdict(mean: float, ci95: float, figure: dict[str, Any]) -> dict[str, Any]:
+    """Our figure against the preset's (published or our reference): within the combined 95% CIs, above, or below."""
+    diff = mean - float(figure["mean"])
+    combined = math.hypot(ci95, float(figure.get("ci95") or 0.0))
     verdict = "within CIs" if abs(diff) <= combined else ("above" if diff > 0 else "below")
-    return {"paper_diff": diff, "paper_verdict": verdict}
+    return {"difference": diff, "verdict": verdict}
 
 
 def find_results(paths: list[str]) -> list[Path]:
@@ -100,22 +178,21 @@ def load_run(path: Path) -> Run:
         raise UserInputError(f"cannot read {path}: {ex}") from None
     if not isinstance(results, dict) or not {"metric", "mean", "ci95"} <= results.keys():
         raise UserInputError(f"{path} is not a metarun results.json (needs metric, mean, ci95)")
-    hydra_dir = path.parent / ".hydra"
-    overrides = _training_overrides(results) + run_overrides(path.parent)
-    paper = None
-    if isinstance(results.get("paper"), dict) and "mean" in results["paper"]:
-        paper = results["paper"]
-    elif (hydra_dir / "config.yaml").exists():
-        cfg = OmegaConf.load(hydra_dir / "config.yaml")
-        paper_node = cfg.get("paper")
-        if paper_node is not None and "mean" in paper_node:
-            paper = OmegaConf.to_container(paper_node)
-    by_key = {o.split("=", 1)[0].lstrip("+"): o for o in overrides}  # the eval's own overrides win
-    kept = sorted(o for o in by_key.values() if not o.startswith(_NOT_A_SETTING))
-    base = f"{results.get('algo')}/{results.get('model')}/{results.get('benchmark')} ({results.get('split', 'test')})"
-    setting = base + (" " + " ".join(o for o in kept if not o.split("=")[0] in ("algo", "model", "benchmark"))
-                      if kept else "")
-    return Run(path, results, setting.strip(), paper)
+    overrides = _training_overrides(results) + run_overrides(path.parent)  # the eval's own overrides win
+    config = path.parent / ".hydra" / "config.yaml"
+    saved = OmegaConf.to_container(OmegaConf.load(config)) if config.exists() else {}
+    saved = saved if isinstance(saved, dict) else {}
+    return Run(path, results, setting_of(results, overrides), _figure(results, saved, "paper"),
+               _figure(results, saved, "reference"))
+
+
+def _figure(results: dict[str, Any], saved: dict[str, Any], kind: str) -> dict[str, Any] | None:
+    """The run's `paper:` or `reference:` figure, from results.json (eval writes it) or the run's config;
+    None unless it has a mean."""
+    for node in (results.get(kind), saved.get(kind)):
+        if isinstance(node, dict) and node.get("mean") is not None:
+            return node
+    return None
 
 
 def _training_overrides(results: dict[str, Any]) -> list[str]:
@@ -145,17 +222,20 @@ def _fmt(value: float | None, metric: str) -> str:
     return f"{value * 100:.2f}" if metric == "accuracy" else f"{value:.4f}"
 
 
+HEADERS = ("setting", "metric", "runs", "mean", "seed std", "mean 95% CI", "source", "figure", "difference", "verdict")
+
+
 def render(rows: list[dict[str, Any]], fmt: str) -> str:
     if fmt == "json":
         return json.dumps(rows, indent=2) + "\n"
-    headers = ["setting", "metric", "runs", "mean", "seed std", "mean 95% CI", "paper", "difference", "verdict"]
+    headers = list(HEADERS)
     lines = []
     for r in rows:
-        paper = "-" if r["paper_mean"] is None else f"{_fmt(r['paper_mean'], r['metric'])} ± {_fmt(r['paper_ci95'], r['metric'])}"
+        figure = "-" if r["figure_mean"] is None else \
+            f"{_fmt(r['figure_mean'], r['metric'])} ± {_fmt(r['figure_ci95'], r['metric'])}"
         lines.append([r["setting"], r["metric"] + (" %" if r["metric"] == "accuracy" else ""), str(r["runs"]),
                       _fmt(r["mean"], r["metric"]), _fmt(r["seed_std"], r["metric"]), _fmt(r["mean_ci95"], r["metric"]),
-                      paper, "-" if r["paper_diff"] is None else _fmt(r["paper_diff"], r["metric"]),
-                      r["paper_verdict"] or "-"])
+                      r["source"] or "-", figure, _fmt(r["difference"], r["metric"]), r["verdict"] or "-"])
     if fmt == "csv":
         buffer = io.StringIO()
         writer = csv.writer(buffer)
@@ -169,8 +249,8 @@ def render(rows: list[dict[str, Any]], fmt: str) -> str:
 
 def print_table(rows: list[dict[str, Any]]) -> None:
     table = Table(title="metarun report: mean over seeds, spread across seeds, mean per-run 95% CI")
-    for col in ("setting", "metric", "runs", "mean", "seed std", "mean 95% CI", "paper", "difference", "verdict"):
-        table.add_column(col, justify="left" if col == "setting" else "right")
+    for col in HEADERS:
+        table.add_column(col, justify="left" if col in ("setting", "source") else "right")
     for line in render(rows, "csv").splitlines()[1:]:
         table.add_row(*next(csv.reader([line])))
     console.print(table)
@@ -182,14 +262,16 @@ def main(args: list[str]) -> None:
     parser.add_argument("--format", choices=("md", "csv", "json"), help="also write the table in this format")
     parser.add_argument("--output", "-o", help="file to write (default: stdout)")
     parser.add_argument("--paper", action="store_true",
-                        help="only runs of presets with a published figure: ours beside the paper's, with a verdict")
+                        help="only runs of presets with a figure (published `paper:`, or our `reference:`): ours "
+                             "beside it, labelled by source, with a verdict")
     ns = parser.parse_args(args)
     rows = [g.row() for g in group_runs([load_run(p) for p in find_results(ns.paths)])]
     if ns.paper:
-        rows = [r for r in rows if r["paper_mean"] is not None]
+        rows = [r for r in rows if r["figure_mean"] is not None]
         if not rows:
-            raise UserInputError("no run under the given paths has a published figure (a `paper:` mean in its "
-                                 "preset); run an experiment preset, e.g. metarun train experiment=maml_sine")
+            raise UserInputError("no run under the given paths has a figure to compare with (a `paper:` or "
+                                 "`reference:` mean in its preset); run an experiment preset, e.g. "
+                                 "metarun train experiment=maml_sine")
     rows.sort(key=lambda r: r["setting"])
     if ns.format and not ns.output:
         sys.stdout.write(render(rows, ns.format))

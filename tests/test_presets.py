@@ -1,5 +1,6 @@
 """Every experiment preset (configs/experiment/*.yaml) composes, validates, states its launching command and
-its reference figure, and trains and tests a few steps (debug=smoke) on generated data in the real formats.
+its figure (`paper:` a published one with its source, or `reference:` our own with how it was measured), and
+trains and tests a few steps (debug=smoke) on generated data in the real formats.
 
 The smoke runs change only what a fixture cannot provide: the Omniglot fixture is split by alphabet (lake;
 the presets' Vinyals and random splits name characters of the real set), and images are small (28x28 Omniglot,
@@ -9,6 +10,7 @@ the presets' Vinyals and random splits name characters of the real set), and ima
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 from metarun.config import config_dir, validate
+from tests.conftest import run_metarun
 from tests.image_fixtures import finish, mini_cache_pickles, mini_classes, omniglot_tree, start_metarun
 
 PRESETS = sorted(p.stem for p in (config_dir() / "experiment").glob("*.yaml"))
@@ -29,6 +32,11 @@ MINI = mini_classes(train=30, val=20, test=20)
 TINY = ["benchmark.image_size=16", "benchmark.queries=2"]
 OMNIGLOT_TINY = ["benchmark.image_size=28", "benchmark.queries=2"]  # 28: the ViT preset's 7x7 patches must fit
 COMMON = ["debug=smoke", "logger.tensorboard=false", "logger.console=false"]
+# Presets without a published figure: our own settings, or a protocol whose paper prints no number (maml_sine:
+# Finn et al.'s sine results are a plot). They carry `reference:`, never `paper:`.
+WITHOUT_PUBLISHED_FIGURE = {"incontext_sine", "maml_sine", "maml_transformer_omniglot", "maml_transformer_sine"}
+# A published figure's source: authors, year, table (or figure), e.g. "Snell et al. 2017, Table 1".
+PAPER_SOURCE = re.compile(r"^[A-Z][A-Za-z&. ]+ (et al\. )?\d{4}, (Table|Figure) \d+\b")
 
 
 def composed(preset: str) -> OmegaConf:
@@ -50,9 +58,43 @@ def test_preset_composes_and_states_its_command_and_reference(preset: str) -> No
     header = (config_dir() / "experiment" / f"{preset}.yaml").read_text().splitlines()
     assert header[0] == "# @package _global_"
     assert header[1].startswith(f"# metarun train experiment={preset}"), header[1]
-    paper = cfg.get("paper")
-    assert paper is not None and {"source", "metric", "mean"} <= set(paper), f"{preset}: no paper: field"
-    assert paper.metric in ("accuracy", "mse")
+    paper, reference = cfg.get("paper"), cfg.get("reference")
+    assert (paper is None) != (reference is None), f"{preset}: needs exactly one of paper: and reference:"
+    figure = paper if paper is not None else reference
+    assert {"source", "metric", "mean"} <= set(figure) and figure.mean is not None, f"{preset}: {figure}"
+    assert re.fullmatch(r"(accuracy|mse)(@\d+)?", figure.metric), figure.metric
+    if preset in WITHOUT_PUBLISHED_FIGURE:
+        assert paper is None, f"{preset} has no published figure: its own figure goes under reference:"
+    if paper is not None:
+        assert PAPER_SOURCE.match(paper.source), f"{preset}: paper.source names no authors, year, table: {paper.source}"
+        assert not re.search(r"\b(metarun|ours?|we)\b", paper.source, re.I), f"{preset}: our own figure under paper:"
+    else:
+        assert reference.get("note"), f"{preset}: reference: needs a note saying how it was measured"
+
+
+@pytest.mark.parametrize("preset", ["protonet_omniglot_20w1s", "maml_transformer_omniglot", "maml_sine"])
+def test_report_labels_a_preset_figure_by_its_kind(preset: str, tmp_path: Path) -> None:
+    """A run of the preset (its saved config) is reported beside the preset's figure, labelled as the paper's
+    (with its source) or as our reference."""
+    cfg = composed(preset)
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    OmegaConf.save(cfg, run / ".hydra" / "config.yaml")
+    (run / ".hydra" / "overrides.yaml").write_text(f"- experiment={preset}\n")
+    metric = "mse" if str(cfg.benchmark._target_).endswith("SineBenchmark") else "accuracy"
+    (run / "results.json").write_text(json.dumps({
+        "metric": metric, "split": "test", "mean": 0.5, "ci95": 0.01, "tasks": 600, "steps": 1, "seed": 0,
+        "algo": "a", "model": "m", "benchmark": "b", "metrics": {"mse@1": {"mean": 0.3, "ci95": 0.03}}}))
+    proc = run_metarun("report", str(run), "--paper", "--format", "json")
+    assert proc.returncode == 0, proc.stderr
+    (row,) = json.loads(proc.stdout)
+    if cfg.get("paper") is not None:
+        assert row["figure"] == "paper" and row["source"] == f"paper ({cfg.paper.source})"
+        assert row["figure_mean"] == cfg.paper.mean
+    else:
+        assert row["figure"] == "reference" and row["source"].startswith("ours (reference)")
+        assert row["figure_mean"] == cfg.reference.mean
+    assert row["verdict"] in ("within CIs", "above", "below")
 
 
 @pytest.fixture(scope="module")
@@ -92,3 +134,7 @@ def test_preset_trains_and_tests_on_a_fixture(preset: str, smoke_runs: dict[str,
     assert report["split"] == "test" and report["tasks"] == 6 and report["nonfinite_tasks"] == 0
     assert 0.0 <= report["mean"] < float("inf")
     assert returncode == 0, stderr
+    cfg = composed(preset)  # the preset's figure travels with the result, under its own kind
+    for kind in ("paper", "reference"):
+        expected = OmegaConf.to_container(cfg[kind]) if cfg.get(kind) is not None else None
+        assert report.get(kind) == expected, f"{preset}: results.json {kind}"
