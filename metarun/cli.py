@@ -3,6 +3,7 @@ one is a single line and exit status 2 instead of Hydra's multi-line report and 
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from pathlib import Path
@@ -80,6 +81,8 @@ def _run_hydra(command: str, args: list[str]) -> None:
     multirun = "-m" in args or "--multirun" in args
     if not _HYDRA_INFO_FLAGS.intersection(args):
         try:
+            if command == "eval":
+                args, overrides = _with_training_overrides(args, overrides, user_dirs)
             precheck(command, overrides, multirun, user_dirs)
         except UserInputError as ex:
             if _full_errors():
@@ -110,6 +113,48 @@ def _overrides_only(args: list[str]) -> list[str]:
     return overrides
 
 
+def _with_training_overrides(args: list[str], overrides: list[str],
+                             user_dirs: list[str]) -> tuple[list[str], list[str]]:
+    """`metarun eval ckpt_path=X ...`: X's training overrides go in front of the command line's (less those it
+    replaces), so Hydra composes eval.yaml the way train composed X's config, and eval accepts every override
+    train would (algo.distance=cosine on a ProtoNet checkpoint; benchmark=omniglot; debug=smoke). Unchanged
+    for several checkpoints (a sweep: each job's evaluate composes its own) or a missing one (precheck says)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except OverrideParseException:
+        return args, overrides  # precheck reports it
+    ckpts = [o for o in parsed if o.key_or_group == "ckpt_path"]
+    if len(ckpts) != 1 or ckpts[0].is_sweep_override() or ckpts[0].is_delete():
+        return args, overrides
+    path = Path(ckpts[0].get_value_element_as_str()).expanduser()
+    if not path.is_file():
+        return args, overrides
+    from metarun.run import eval_command_overrides
+
+    combined = eval_command_overrides(path, overrides, _search_path(user_dirs))
+    return _flags_only(args) + combined, combined
+
+
+def _flags_only(args: list[str]) -> list[str]:
+    """What _overrides_only leaves out: the flags and their values."""
+    flags, take = [], False
+    for arg in args:
+        if take or arg.startswith("-"):
+            flags.append(arg)
+            take = not take and arg in _VALUE_FLAGS
+    return flags
+
+
+def _search_path(user_dirs: list[str]) -> list[str]:
+    """--config-dir: the user's own config files join the search path, as Hydra will do."""
+    if not user_dirs:
+        return []
+    return ["hydra.searchpath=[" + ",".join(f"file://{Path(d).expanduser().absolute()}" for d in user_dirs) + "]"]
+
+
 def precheck(command: str, overrides: list[str], multirun: bool, user_dirs: list[str] = ()) -> None:
     """Compose once with the given overrides (first value of each sweep) and validate; raise UserInputError."""
     from hydra import compose, initialize_config_dir
@@ -134,9 +179,7 @@ def precheck(command: str, overrides: list[str], multirun: bool, user_dirs: list
         if override.key_or_group.startswith("hydra"):
             continue
         single.append(text)
-    if user_dirs:  # --config-dir: the user's own config files join the search path, as Hydra will do
-        paths = ",".join(f"file://{Path(d).expanduser().absolute()}" for d in user_dirs)
-        single.append(f"hydra.searchpath=[{paths}]")
+    single += _search_path(user_dirs)
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
@@ -155,18 +198,78 @@ def precheck(command: str, overrides: list[str], multirun: bool, user_dirs: list
 
 
 def _check_output_dir(overrides: list[str], multirun: bool, command: str) -> None:
-    """Hydra creates the run directory before any of our code runs; an unwritable one would be a traceback."""
+    """Hydra creates the run (or sweep) directory before any of our code runs, so a directory that cannot be
+    made would be its traceback: create it here (then remove what was created) and write a file in it.
+    Permission bits alone prove nothing (root passes them; /proc, /sys, a name too long still refuse)."""
     key = "hydra.sweep.dir=" if multirun else "hydra.run.dir="
-    chosen = next((o.split("=", 1)[1] for o in overrides if o.startswith(key)), None)
-    target = Path(chosen).expanduser() if chosen and "${" not in chosen else Path.cwd() / (
-        "multirun" if multirun else f"outputs/{command}")
-    target = target.absolute()
-    existing = target
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise UserInputError(f"cannot write the output directory {target} ({existing} is not a writable directory); "
-                             f"choose another with {key}PATH or run from a writable directory")
+    chosen = next((o.split("=", 1)[1] for o in reversed(overrides) if o.startswith(key)), None)
+    target = _static_dir(chosen) if chosen else Path("multirun" if multirun else f"outputs/{command}")
+    target = Path(os.path.abspath(target.expanduser()))
+    try:
+        _try_create(target)
+    except OSError as ex:
+        failed = Path(ex.filename) if isinstance(ex.filename, str) else target
+        if ex.errno == errno.ENOTDIR:
+            blocker = next((p for p in failed.parents if os.path.lexists(p) and not os.path.isdir(p)), failed)
+            reason = f"{_short(blocker)} is not a directory"
+        elif ex.errno == errno.ENOENT and os.path.isdir(failed.parent):
+            reason = f"{_short(failed.parent)} refuses new entries"
+        elif ex.errno == errno.ENAMETOOLONG:
+            reason = "a name in it is too long"
+        else:
+            reason = f"{_short(failed)}: {ex.strerror or ex}"
+        raise UserInputError(f"cannot write the output directory {_short(target)} ({reason}); "
+                             f"choose another with {key}PATH or run from a writable directory") from None
+
+
+def _short(path: Path) -> str:
+    text = str(path)
+    return text if len(text) <= 120 else text[:60] + "..." + text[-40:]
+
+
+def _static_dir(chosen: str) -> Path:
+    """The directory Hydra will make from `hydra.run.dir=...`: ${now:FMT} as Hydra resolves it (strftime now);
+    for any other interpolation, the part of the path before it."""
+    import re
+    from datetime import datetime
+
+    text = re.sub(r"\$\{now:([^}]*)\}", lambda m: datetime.now().strftime(m.group(1)), chosen)
+    if "${" in text:
+        text = text[:text.index("${")].rpartition("/")[0] or ("/" if chosen.startswith("/") else ".")
+    return Path(text)
+
+
+def _try_create(target: Path) -> None:
+    """Make `target` as Hydra would (with its parents), create and delete a file in it, then remove the
+    directories this made. Raises the OSError that Hydra would have hit."""
+    import tempfile
+
+    made: list[Path] = []
+    path = target
+    while True:
+        try:
+            os.stat(path)
+            break
+        except FileNotFoundError:
+            made.append(path)
+        except OSError as ex:
+            if ex.errno != errno.ENAMETOOLONG:
+                raise
+            made.append(path)
+        if path == path.parent:
+            break
+        path = path.parent
+    try:
+        os.makedirs(target, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".metarun-write-test-", dir=target)
+        os.close(fd)
+        os.unlink(probe)
+    finally:
+        for path in made:  # deepest first; another process may be using one by now: leave it then
+            try:
+                os.rmdir(path)
+            except OSError:
+                break
 
 
 def _with_suggestion(message: str, command: str, overrides: list[str]) -> str:

@@ -70,3 +70,27 @@ def test_a_user_config_dir_adds_options(tmp_path: Path) -> None:
     proc = run_metarun("train", "--config-dir", str(tmp_path), "algo=mine", "--cfg", "job")
     assert proc.returncode == 0, proc.stderr
     assert "inner_lr: 0.1" in proc.stdout
+
+
+@pytest.mark.parametrize("override,expected", [("benchmark=sinee", "did you mean 'sine'"),
+                                               ("experiment=maml_sin", "did you mean 'maml_sine'"),
+                                               ("trainer.eval_taskz=3", "did you mean 'trainer.eval_tasks'")])
+def test_bad_eval_override_is_one_line_exit_2(smoke_run: Path, tmp_path: Path, override: str, expected: str) -> None:
+    proc = run_metarun("eval", f"ckpt_path={smoke_run / 'checkpoints/best.pt'}", override, f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and expected in proc.stderr, proc.stderr
+
+
+def test_eval_checks_keys_against_the_checkpoints_own_groups(smoke_run: Path, tmp_path: Path) -> None:
+    """A checkpoint trained with algo=protonet: a misspelt ProtoNet key on eval is named with ProtoNet's keys
+    (eval composes the checkpoint's overrides first, as train composed them), not the default algorithm's."""
+    import torch
+
+    state = torch.load(smoke_run / "checkpoints" / "best.pt", weights_only=True)
+    state["overrides"] = ["algo=protonet", "model=cnn", "benchmark=omniglot", "debug=smoke"]
+    ckpt = tmp_path / "protonet" / "checkpoints" / "best.pt"
+    ckpt.parent.mkdir(parents=True)
+    torch.save(state, ckpt)
+    proc = run_metarun("eval", f"ckpt_path={ckpt}", "algo.distanse=cosine", f"hydra.run.dir={tmp_path / 'eval'}")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "did you mean 'algo.distance'" in proc.stderr, proc.stderr

@@ -1,8 +1,9 @@
 """Every algorithm x model x benchmark through the CLI: it trains and evaluates (exit 0, results.json),
 or it exits 2 at start-up with one line naming the conflict and what works instead.
 
-Algorithms are every configs/algo/*.yaml; models mlp and cnn and benchmarks sine, omniglot and
-miniimagenet where their configs exist (the image ones on tiny generated fixtures, tests/image_fixtures).
+Algorithms are every configs/algo/*.yaml; models mlp, cnn and transformer and benchmarks sine, omniglot
+and miniimagenet where their configs exist (the image ones on tiny generated fixtures, tests/image_fixtures,
+where the transformer's patch is set to divide their 16x16 images).
 Which outcome to expect comes from the classes themselves (an algorithm's `supports`, a model's
 `accepts`), as run.py decides it, so the test pins both the successes and the one-line refusals.
 
@@ -32,7 +33,7 @@ from tests.image_fixtures import EVALUATION, mini_cache_pickles, omniglot_tree, 
 
 ROOT = config_dir()
 ALGOS = sorted(p.stem for p in (ROOT / "algo").glob("*.yaml"))
-MODELS = [m for m in ("mlp", "cnn") if (ROOT / "model" / f"{m}.yaml").is_file()]
+MODELS = [m for m in ("mlp", "cnn", "transformer") if (ROOT / "model" / f"{m}.yaml").is_file()]
 # benchmark -> (task kind, input kind) as its TaskSpec declares them
 BENCHMARKS = {b: kinds for b, kinds in (("sine", ("regression", "vector")),
                                          ("omniglot", ("classification", "image")),
@@ -46,8 +47,15 @@ OMNIGLOT_BACKGROUND = {f"Alphabet_{c}": 4 for c in "ABCDEF"}
 # 16x16 is the smallest image Conv-4 with max-pooling takes; few queries: a forward pass costs little
 TINY_IMAGES = ["benchmark.image_size=16", "benchmark.queries=2"]
 COMMON = ["debug=smoke", "logger.tensorboard=false", "logger.console=false"]
+# what a model needs for a benchmark's inputs (model, input kind): the transformer's default patch (7, for
+# 28x28 Omniglot) does not divide the 16x16 TINY_IMAGES; 8 does (4 tokens: cheap)
+MODEL_OPTIONS = {("transformer", "image"): ["model.patch=8"]}
 MAX_PARALLEL = 3
 DEADLINE_S = 900
+
+
+def model_options(model: str, benchmark: str) -> list[str]:
+    return MODEL_OPTIONS.get((model, BENCHMARKS[benchmark][1]), [])
 
 
 def expected_conflict(algo: str, model: str, benchmark: str) -> str | None:
@@ -126,15 +134,17 @@ def outcomes(tmp_path_factory: pytest.TempPathFactory) -> Outcomes:
                 continue
             run_dir = work / "refused" / f"{algo}_{model}_{bench}"
             refusals.append(Job([*("train", f"algo={algo}", f"model={model}", f"benchmark={bench}"), *data[bench],
-                                 *COMMON, f"hydra.run.dir={run_dir}"], [(algo, model, bench)]))
-        # models that train the same algorithms share one multirun
-        groups: dict[tuple[str, ...], list[str]] = {}
+                                 *model_options(model, bench), *COMMON, f"hydra.run.dir={run_dir}"],
+                                [(algo, model, bench)]))
+        # models that train the same algorithms with the same extra options share one multirun
+        groups: dict[tuple[tuple[str, ...], tuple[str, ...]], list[str]] = {}
         for model, algos in by_model.items():
-            groups.setdefault(tuple(algos), []).append(model)
-        for i, (algos, models) in enumerate(groups.items()):
+            groups.setdefault((tuple(algos), tuple(model_options(model, benchmark))), []).append(model)
+        for i, ((algos, options), models) in enumerate(groups.items()):
             sweep_dir = work / "sweeps" / f"{benchmark}_{i}"
             jobs.append(Job(["train", "-m", f"algo={','.join(algos)}", f"model={','.join(models)}",
-                             f"benchmark={benchmark}", *data[benchmark], *COMMON, f"hydra.sweep.dir={sweep_dir}"],
+                             f"benchmark={benchmark}", *data[benchmark], *options, *COMMON,
+                             f"hydra.sweep.dir={sweep_dir}"],
                             [(a, m, benchmark) for m in models for a in algos]))
     env = {"METARUN_CACHE": str(work / "cache"), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     _run_all(jobs + refusals, work, env)  # the long multiruns first

@@ -107,3 +107,60 @@ def test_unwritable_output_directory(tmp_path: Path) -> None:
     proc = run_metarun("train", "debug=smoke", f"hydra.run.dir={blocker / 'run'}")
     assert proc.returncode == 2 and "cannot write the output directory" in proc.stderr
     assert proc.stderr.strip().count("\n") == 0
+
+
+def _refuses(path: str) -> bool:
+    """Whether the directory `path` cannot be made here even by root (it is made and removed if it can)."""
+    try:
+        os.mkdir(path)
+    except OSError:
+        return True
+    os.rmdir(path)
+    return False
+
+
+# Directories that cannot be made for a reason other than permissions (root passes permission checks):
+# each must be the same one line and exit 2 as an unwritable directory, never Hydra's traceback.
+UNMAKEABLE = {  # case: (the run directory asked for, a directory that must refuse to be made here, if any)
+    "parent refuses new entries (/proc)": (lambda tmp: "/proc/metarun-test/run", "/proc/metarun-test"),
+    "read-only location (/sys)": (lambda tmp: "/sys/metarun-test", "/sys/metarun-test"),
+    "name too long": (lambda tmp: str(tmp / ("x" * 300) / "run"), None),
+    "the directory is a file": (lambda tmp: str(tmp / "a-file"), None),
+    "${now:...} under a file": (lambda tmp: str(tmp / "a-file" / "${now:%Y-%m-%d}" / "${now:%H-%M-%S}"), None),
+}
+
+
+@pytest.mark.parametrize("case", UNMAKEABLE)
+def test_an_output_directory_that_cannot_be_made_is_one_line(case: str, tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")
+    make, probe = UNMAKEABLE[case]
+    if probe and not _refuses(probe):
+        pytest.skip(f"{probe} can be made on this machine")
+    target = make(tmp_path)
+    proc = run_metarun("train", "debug=smoke", f"hydra.run.dir={target}")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "cannot write the output directory" in proc.stderr, proc.stderr
+    assert "hydra.run.dir=PATH" in proc.stderr
+
+
+def test_unmakeable_sweep_eval_and_working_directories_are_one_line(smoke_run: Path) -> None:
+    """The same check for a multirun's sweep directory, for eval's run directory, and for the default
+    outputs/ under a working directory that refuses new entries."""
+    if not _refuses("/proc/metarun-test"):
+        pytest.skip("/proc accepts new entries on this machine")
+    sweep = run_metarun("train", "-m", "seed=0,1", "debug=smoke", "hydra.sweep.dir=/proc/metarun-test/sweep")
+    evaluation = run_metarun("eval", f"ckpt_path={smoke_run / 'checkpoints/best.pt'}",
+                             "hydra.run.dir=/proc/metarun-test")
+    default = run_metarun("train", "debug=smoke", cwd=Path("/proc"))
+    for proc, expected in ((sweep, "hydra.sweep.dir=PATH"), (evaluation, "/proc/metarun-test ("),
+                           (default, "/proc/outputs/train (")):
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.strip().count("\n") == 0 and "cannot write the output directory" in proc.stderr, proc.stderr
+        assert expected in proc.stderr, proc.stderr
+
+
+def test_the_output_directory_check_leaves_nothing_behind(tmp_path: Path) -> None:
+    """The check makes the directory to prove it can be made, then removes what it made."""
+    proc = run_metarun("train", "debug=smoke", "trainer.steps=abc", f"hydra.run.dir={tmp_path / 'a' / 'b'}")
+    assert proc.returncode == 2 and "trainer.steps" in proc.stderr
+    assert not (tmp_path / "a").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sqlite3
 from pathlib import Path
 
@@ -24,6 +25,15 @@ def test_optuna_search_minimises_validation_mse(tmp_path: Path, storage: str) ->
     trials = [read_results(tmp_path / "sweep" / str(i)) for i in range(3)]
     assert set(best.best_params) == {"algo.inner_lr", "trainer.optimizer.lr"}
     assert all(r["metric"] == "mse" for r in trials)
+    # the value returned to the sweeper is each run's own best validation MSE, not a constant
+    values = [r["val_best"] for r in trials]
+    assert all(math.isfinite(v) for v in values) and len(set(values)) > 1, values
+    assert best.best_value == pytest.approx(min(values), rel=1e-9), (best.best_value, values)
+    winner = values.index(min(values))
+    chosen = dict(str(o).split("=", 1) for o in OmegaConf.load(tmp_path / "sweep" / str(winner) / ".hydra" /
+                                                                "overrides.yaml"))
+    assert {k: float(v) for k, v in best.best_params.items()} == pytest.approx(
+        {k: float(chosen[k]) for k in best.best_params}, rel=1e-9), (best.best_params, chosen)
     if storage == "sqlite":
         with sqlite3.connect(tmp_path / "study.db") as db:
             assert db.execute("select count(*) from trials").fetchone()[0] == 3
