@@ -132,7 +132,7 @@ def _with_training_overrides(args: list[str], overrides: list[str],
     path = Path(ckpts[0].get_value_element_as_str()).expanduser()
     if not path.is_file():
         return args, overrides
-    from metarun.run import eval_command_overrides
+    from metarun.eval_config import eval_command_overrides
 
     combined = eval_command_overrides(path, overrides, _search_path(user_dirs))
     return _flags_only(args) + combined, combined
@@ -160,7 +160,7 @@ def precheck(command: str, overrides: list[str], multirun: bool, user_dirs: list
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException, OverrideParseException
+    from hydra.errors import OverrideParseException
 
     from metarun.config import config_dir, describe_composition_error, validate
 

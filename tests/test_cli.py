@@ -195,7 +195,7 @@ def test_eval_of_a_checkpoint_without_recorded_overrides(smoke_run: Path, tmp_pa
 
 
 def test_combined_overrides_replace_by_key() -> None:
-    from metarun.run import _combine_overrides
+    from metarun.eval_config import _combine_overrides
 
     recorded = ["benchmark=omniglot", "benchmark.root=/o", "benchmark.ways=20", "+algo.extra=1", "seed=3", "~logger.x"]
     new = ["benchmark.ways=5", "algo.extra=2", "~seed", "~logger.x"]
@@ -207,7 +207,7 @@ def test_combined_overrides_replace_by_key() -> None:
 
 
 def test_three_way_merge_keeps_the_checkpoints_values() -> None:
-    from metarun.run import _three_way
+    from metarun.eval_config import _three_way
 
     saved = {"a": 1, "b": {"x": 1, "y": 1}, "only_saved": 7, "g": {"k": 1}}
     base = {"a": 2, "b": {"x": 2, "y": 2}, "gone": 0, "g": {"k": 2}}

@@ -49,7 +49,6 @@ from metarun.algorithms.pretrained import load_backbone
 from metarun.benchmarks.base import TaskSpec
 from metarun.defaults import option_defaults
 from metarun.episodes import TaskBatch
-from metarun.errors import UserInputError
 from metarun.models.base import Backbone
 from metarun.models.transformer import LayerNorm
 

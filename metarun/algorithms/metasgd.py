@@ -37,7 +37,7 @@ class MetaSGD(MAML):
 
     def __init__(
         self,
-        backbone: nn.Module,
+        backbone: Backbone,
         spec: TaskSpec,
         inner_steps: int = _DEFAULTS["inner_steps"],
         inner_lr: float = _DEFAULTS["inner_lr"],

@@ -5,7 +5,6 @@ Each task is y = A sin(x - phi) with A ~ U[0.1, 5], phi ~ U[0, pi], x ~ U[-5, 5]
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
