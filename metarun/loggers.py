@@ -26,20 +26,26 @@ class MetricLogger(Protocol):
 
 
 class JsonlLogger:
-    """`metrics.jsonl`: one JSON object per logged step. On resume, lines after the checkpoint are dropped
-    so the file reads as if the run had never stopped."""
+    """`metrics.jsonl`: one JSON object per logged step, with `time`, the run's wall-clock seconds so far (for
+    learning curves against time). On resume, lines after the checkpoint are dropped so the file reads as if
+    the run had never stopped, and the clock continues from the last line kept (time spent stopped is not
+    counted); every other value is bit-identical to an uninterrupted run's."""
 
     def __init__(self, path: Path, resume_step: int | None = None) -> None:
         self.path = path
+        elapsed = 0.0
         if resume_step is not None and path.exists():
             kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= resume_step]
             path.write_text("".join(line + "\n" for line in kept))
+            elapsed = float(json.loads(kept[-1]).get("time", 0.0)) if kept else 0.0
         elif path.exists():
             path.unlink()
+        self.started = time.perf_counter() - elapsed
         self.handle = path.open("a")
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        self.handle.write(json.dumps({"step": step, **metrics}) + "\n")
+        seconds = round(time.perf_counter() - self.started, 3)
+        self.handle.write(json.dumps({"step": step, "time": seconds, **metrics}) + "\n")
         self.handle.flush()
 
     def log_images(self, images: dict[str, Any], step: int) -> None:

@@ -19,6 +19,8 @@ def test_smoke_train_writes_the_run_directory(smoke_run: Path) -> None:
     assert (results["algo"], results["model"], results["benchmark"], results["steps"]) == ("maml", "mlp", "sine", 2)
     lines = [json.loads(line) for line in (smoke_run / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines if "train/loss" in line] == [1, 2]
+    times = [line["time"] for line in lines]  # wall-clock seconds since the run started, for curves against time
+    assert times == sorted(times) and times[0] >= 0
     assert any("val/mse" in line for line in lines)
 
 
