@@ -63,6 +63,10 @@ CASES: dict[str, list[str]] = {
                                                                  "incontext")},
     **{f"{algo}-omniglot-cnn": [f"algo={algo}", *OMNIGLOT] for algo in ("protonet", "matching", "feat", "maml")},
     "protonet-omniglot-cnn-bn_inductive": ["algo=protonet", *OMNIGLOT, "model.bn=inductive"],
+    "siamese-omniglot-cnn": ["algo=siamese", *OMNIGLOT],
+    # the shared meta-training distortions (benchmarks/augment.py), pinned through the pairs they make
+    "siamese-omniglot-cnn-augment": ["algo=siamese", *OMNIGLOT, "+benchmark.augment={rotation: 10, shear: 0.3, "
+                                     "scale: [0.8, 1.2], translation: 2, probability: 0.5}"],
 }
 
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sized
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
 
+from metarun.benchmarks.augment import Augmentation
 from metarun.benchmarks.base import SPLITS, TaskSpec
 from metarun.benchmarks.decode import DecodeError, Preprocess, decode_all, to_array
 from metarun.benchmarks.miniimagenet_source import MiniSource, detect, image_classes, pickle_classes
@@ -39,6 +41,7 @@ class MiniImageNetBenchmark(SamplerBackedBenchmark):
         image_size: int = _DEFAULTS["image_size"],
         cache_dir: str | None = _DEFAULTS["cache_dir"],
         decode_workers: int = _DEFAULTS["decode_workers"],
+        augment: dict[str, Any] | None = _DEFAULTS["augment"],
     ) -> None:
         from metarun.console import console
 
@@ -55,7 +58,8 @@ class MiniImageNetBenchmark(SamplerBackedBenchmark):
         for split in SPLITS:
             ranges[split] = (start, start + len(meta["classes"][split]))
             start = ranges[split][1]
-        self.sampler = EpisodeSampler(store, ranges, ways, shots, queries, name="miniimagenet")
+        self.sampler = EpisodeSampler(store, ranges, ways, shots, queries, name="miniimagenet",
+                                      augment=Augmentation.from_config(augment))
         self.spec = TaskSpec(name="miniimagenet", kind="classification", input_shape=(3, image_size, image_size),
                              output_size=ways, ways=ways, shots=shots, queries=queries)
         counts = "/".join(str(ranges[s][1] - ranges[s][0]) for s in SPLITS)

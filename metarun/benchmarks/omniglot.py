@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from metarun.benchmarks.augment import Augmentation
 from metarun.benchmarks.base import SPLITS, TaskSpec
 from metarun.benchmarks.decode import DecodeError, Preprocess, decode_all
 from metarun.benchmarks.omniglot_source import OmniglotSource, Split, check_archive, locate, make_split
@@ -46,6 +48,8 @@ class OmniglotBenchmark(SamplerBackedBenchmark):
         split_seed: int = _DEFAULTS["split_seed"],
         cache_dir: str | None = _DEFAULTS["cache_dir"],
         decode_workers: int = _DEFAULTS["decode_workers"],
+        augment: dict[str, Any] | None = _DEFAULTS["augment"],
+        within_alphabet: bool = _DEFAULTS["within_alphabet"],
     ) -> None:
         from metarun.console import console
 
@@ -60,7 +64,11 @@ class OmniglotBenchmark(SamplerBackedBenchmark):
         base, _, cache_file, hit = cached_store("omniglot", source.listing, prep.as_dict(),
                                                 lambda: _decode(source, prep, decode_workers), cache_dir)
         store, ranges = arrange(base, split)
-        self.sampler = EpisodeSampler(store, ranges, ways, shots, queries, name=f"omniglot ({split_scheme} split)")
+        alphabets = sorted({c.alphabet for c in source.characters})
+        groups = torch.tensor([alphabets.index(source.characters[c].alphabet) for s in SPLITS for c, _ in split[s]])
+        self.sampler = EpisodeSampler(store, ranges, ways, shots, queries, name=f"omniglot ({split_scheme} split)",
+                                      augment=Augmentation.from_config(augment),
+                                      groups=groups if within_alphabet else None)
         self.spec = TaskSpec(name="omniglot", kind="classification", input_shape=(1, image_size, image_size),
                              output_size=ways, ways=ways, shots=shots, queries=queries)
         counts = "/".join(str(ranges[s][1] - ranges[s][0]) for s in SPLITS)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from metarun.benchmarks.augment import Augmentation
 from metarun.benchmarks.base import Benchmark
 from metarun.episodes import TaskBatch
 from metarun.errors import UserInputError
@@ -33,7 +34,10 @@ class EpisodeSampler:
     """
 
     def __init__(self, store: Tensor, ranges: dict[str, tuple[int, int]], ways: int, shots: int, queries: int,
-                 name: str = "benchmark") -> None:
+                 name: str = "benchmark", augment: Augmentation | None = None, groups: Tensor | None = None) -> None:
+        """`augment`: random distortions of meta-training episodes (benchmarks/augment.py). `groups`: a group id
+        per class (Omniglot: its alphabet); when given, every episode's classes come from one group (Lake et
+        al.'s within-alphabet one-shot tasks), the group drawn uniformly among those with enough classes."""
         if store.dtype != torch.uint8 or store.dim() != 5:
             raise ValueError(f"the store must be uint8 [classes, examples, C, H, W], "
                              f"not {store.dtype} {tuple(store.shape)}")
@@ -44,6 +48,11 @@ class EpisodeSampler:
         self.flat = store.reshape(-1, *self.image_shape)  # [classes * examples, C, H, W]: one index per image
         self._check(ways, shots, queries, list(self.ranges), "benchmark.")
         self.ways, self.shots, self.queries = ways, shots, queries
+        self.augment = augment
+        self.groups = None if groups is None else groups.to(torch.long).cpu()
+        if self.groups is not None:
+            for split in self.ranges:
+                self._eligible_groups(split, ways)  # a split with no group of `ways` classes: one line now
         # per (T, N, K, Q, device): gather order and label templates, built once (a run uses few shapes)
         self._layouts: dict[tuple[int, int, int, int, torch.device], tuple[Tensor, Tensor, Tensor]] = {}
 
@@ -77,7 +86,13 @@ class EpisodeSampler:
         start, stop = self.ranges[split]
         t, e = num_tasks, self.examples
         draw = generator.device
-        classes = torch.rand(t, stop - start, generator=generator, device=draw).topk(n, dim=1).indices  # [T, N]
+        scores = torch.rand(t, stop - start, generator=generator, device=draw)
+        if self.groups is not None:  # only the classes of one group per task can win the top-N
+            local = self.groups[start:stop].to(draw)
+            eligible = self._eligible_groups(split, n).to(draw)
+            chosen = eligible[torch.randint(len(eligible), (t,), generator=generator, device=draw)]
+            scores = scores.masked_fill(local.unsqueeze(0) != chosen.unsqueeze(1), -1.0)
+        classes = scores.topk(n, dim=1).indices  # [T, N]
         picks = torch.rand(t, n, e, generator=generator, device=draw).topk(k + q, dim=2).indices  # [T, N, K+Q]
         rows = picks.add_(classes.mul_(e).add_(start * e).unsqueeze(2))  # rows of the flat store
         order, support_y, query_y = self._layout(t, n, k, q, draw)
@@ -87,10 +102,23 @@ class EpisodeSampler:
         # Converting to float32 is most of the cost, and mul_ by 1/255 is ~1.5x faster than div_ by 255
         # (within 1 ulp of it): the batch is written once and rescaled once, nothing more.
         images = self.flat.index_select(0, index).to(torch.float32).mul_(1.0 / 255.0)
+        if self.augment is not None and split == "train":
+            images = self.augment(images, generator)
         support = images[: t * n * k].view(t, n * k, *self.image_shape)
         query = images[t * n * k:].view(t, n * q, *self.image_shape)
         # labels are fresh copies, so a consumer may modify them in place
         return TaskBatch(support, support_y.clone(), query, query_y.clone())
+
+    def _eligible_groups(self, split: str, ways: int) -> Tensor:
+        """The groups of `split` with at least `ways` classes (within-group episodes draw among them)."""
+        assert self.groups is not None
+        start, stop = self.ranges[split]
+        ids, counts = self.groups[start:stop].unique(return_counts=True)
+        eligible = ids[counts >= ways]
+        if eligible.numel() == 0:
+            raise UserInputError(f"{ways}-way episodes within one group: no group of the {split} split of {self.name} "
+                                 f"has {ways} classes (the largest has {int(counts.max()) if counts.numel() else 0})")
+        return eligible
 
     def _layout(self, t: int, n: int, k: int, q: int, draw: torch.device) -> tuple[Tensor, Tensor, Tensor]:
         """Positions in a [T, N, K+Q] draw of its support entries (task, class, shot order), then of its query
