@@ -73,7 +73,7 @@ class TensorBoardLogger:
 
     def log_images(self, images: dict[str, Any], step: int) -> None:
         for key, image in images.items():
-            self.writer.add_image(key, image, step)  # [3, H, W] in [0, 1]
+            self.writer.add_image(key, image, step)  # uint8 [3, H, W] RGB (metarun.plotting), stored as PNG
 
     def log_hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
         from torch.utils.tensorboard.summary import hparams as hparams_summary

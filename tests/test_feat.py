@@ -21,6 +21,7 @@ from metarun.errors import UserInputError
 from metarun.models.mlp import MLP
 from metarun.run import build_optimizer
 from tests.conftest import run_metarun
+from tests.test_pictures import hide_matplotlib, needs_matplotlib
 
 TOY = TaskSpec(name="toy", kind="classification", input_shape=(1, 6, 6), output_size=3, ways=3, shots=2, queries=2)
 
@@ -170,12 +171,18 @@ def test_init_from_refuses_checkpoints_without_a_fitting_backbone(tmp_path: Path
         make(init_from=str(tmp_path / "missing.pt"))
 
 
+@needs_matplotlib
 def test_visualize_draws_the_prototype_attention() -> None:
-    images = make().visualize(toy_batch())
-    image = images["prototype_attention"]
-    assert image.dtype == torch.float32 and image.dim() == 3 and image.shape[0] == 3
-    assert image.shape[1] == image.shape[2] >= 3 * 8  # 3 x 3 prototypes, cells of at least 8 px
-    assert 0.0 <= float(image.min()) and float(image.max()) <= 1.0 and float(image.std()) > 0
+    image = make().visualize(toy_batch())["prototype_attention"]
+    assert image.dtype == torch.uint8 and image.shape == (3, 480, 640)  # the matplotlib figure
+    assert float(image.float().std()) > 0
+
+
+def test_visualize_without_matplotlib_paints_the_raster(monkeypatch: pytest.MonkeyPatch) -> None:
+    hide_matplotlib(monkeypatch)
+    raster = make().visualize(toy_batch())["prototype_attention"]
+    assert raster.dtype == torch.uint8 and raster.dim() == 3 and raster.shape[0] == 3
+    assert raster.shape[1] == raster.shape[2] >= 3 * 8  # 3 x 3 prototypes, cells of at least 8 px
 
 
 def test_set_function_trains_at_its_own_learning_rate_and_the_scheduler_keeps_the_ratio() -> None:

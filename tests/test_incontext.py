@@ -19,6 +19,7 @@ from metarun.models.cnn import ConvNet
 from metarun.models.mlp import MLP
 from metarun.models.transformer import Transformer
 from tests.conftest import read_results, run_metarun
+from tests.test_pictures import hide_matplotlib, needs_matplotlib
 
 SINE = TaskSpec(name="sine", kind="regression", input_shape=(1,), output_size=1, ways=1, shots=5, queries=4)
 IMAGES = TaskSpec(name="toy", kind="classification", input_shape=(1, 16, 16), output_size=3, ways=3, shots=2,
@@ -157,11 +158,20 @@ def test_more_ways_than_configured_is_one_line() -> None:
     assert "\n" not in str(info.value)
 
 
+@needs_matplotlib
 @pytest.mark.parametrize(("spec", "sample"), [(SINE, sine_batch), (IMAGES, image_batch)])
 def test_visualize_draws_query_to_support_attention(spec: TaskSpec, sample: Sampler) -> None:
     image = make(spec).visualize(sample())["query_support_attention"]
-    assert image.dtype == torch.float32 and image.dim() == 3 and image.shape[0] == 3
-    assert 0.0 <= float(image.min()) and float(image.max()) <= 1.0 and float(image.std()) > 0
+    assert image.dtype == torch.uint8 and image.dim() == 3 and image.shape[0] == 3
+    assert image.shape[1:] == (480, 640) and float(image.float().std()) > 0  # the matplotlib figure
+
+
+@pytest.mark.parametrize(("spec", "sample"), [(SINE, sine_batch), (IMAGES, image_batch)])
+def test_visualize_without_matplotlib_paints_the_raster(spec: TaskSpec, sample: Sampler,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    hide_matplotlib(monkeypatch)
+    image = make(spec).visualize(sample())["query_support_attention"]
+    assert image.dtype == torch.uint8 and float(image.float().std()) > 0
     if spec.kind == "classification":  # 9 queries x 6 support, 2 white class separators each way
         assert image.shape[1:] == (9 * 32 + 2, 6 * 32 + 2)
     else:
@@ -170,8 +180,8 @@ def test_visualize_draws_query_to_support_attention(spec: TaskSpec, sample: Samp
 
 def test_heatmap_scales_to_the_maximum_and_draws_separators() -> None:
     image = heatmap(torch.tensor([[0.0, 1.0], [0.5, 0.5]]), row_breaks=[1], cell=2)
-    assert image.shape == (3, 5, 4)
-    torch.testing.assert_close(image[:, 2], torch.ones(3, 4))  # the separator row
+    assert image.shape == (3, 5, 4) and image.dtype == torch.uint8
+    assert torch.equal(image[:, 2], torch.full((3, 4), 255, dtype=torch.uint8))  # the separator row
     assert image[:, 0, 2:].sum() > image[:, 0, :2].sum()  # viridis: the maximum is the bright end
     assert group_breaks(torch.tensor([0, 0, 1, 2, 2])) == [2, 3]
 

@@ -44,13 +44,14 @@ from torch import Tensor, nn
 from torch.func import vmap
 
 from metarun.algorithms.base import MetaAlgorithm, batch_metrics, task_loss
-from metarun.algorithms.heatmap import heatmap
+from metarun.algorithms.heatmap import attention_map
 from metarun.algorithms.pretrained import load_backbone
 from metarun.benchmarks.base import TaskSpec
 from metarun.defaults import option_defaults
 from metarun.episodes import TaskBatch
 from metarun.models.base import Backbone
 from metarun.models.transformer import LayerNorm
+from metarun.vmap import over_tasks
 
 
 _DEFAULTS = option_defaults("algo", "feat")
@@ -152,7 +153,7 @@ class FEAT(nn.Module, MetaAlgorithm):
 
     def embed(self, batch: TaskBatch) -> tuple[Tensor, Tensor]:
         """[T, S, D] support and [T, Q, D] query embeddings; each task's sets are their own backbone batch."""
-        return vmap(self.backbone)(batch.support_x), vmap(self.backbone)(batch.query_x)
+        return over_tasks(self.backbone)(batch.support_x), over_tasks(self.backbone)(batch.query_x)
 
     def adapted_prototypes(self, support: Tensor, support_y: Tensor, ways: int) -> tuple[Tensor, Tensor]:
         """Class means [T, N, D] passed through the set function; also its attention [T, heads, N, N]."""
@@ -201,7 +202,10 @@ class FEAT(nn.Module, MetaAlgorithm):
         first = batch.slice(0, 1)
         support, _ = self.embed(first)
         _, weights = self.adapted_prototypes(support, first.support_y, self.spec.ways)
-        return {"prototype_attention": heatmap(weights[0].mean(dim=0))}
+        title = "FEAT prototype attention, validation task 0\n(heads averaged)"
+        picture = attention_map(weights[0].mean(dim=0), title=title, row_label="adapted prototype of class",
+                                col_label="attends to prototype of class", annotate=self.spec.ways <= 10)
+        return {"prototype_attention": picture}
 
 
 def class_means(embeddings: Tensor, labels: Tensor, ways: int) -> Tensor:

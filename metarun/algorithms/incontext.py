@@ -40,13 +40,14 @@ from torch import Tensor, nn
 from torch.func import vmap
 
 from metarun.algorithms.base import MetaAlgorithm, batch_metrics, task_loss
-from metarun.algorithms.heatmap import group_breaks, heatmap
+from metarun.algorithms.heatmap import attention_map, group_breaks
 from metarun.benchmarks.base import TaskSpec
 from metarun.defaults import option_defaults
 from metarun.episodes import TaskBatch
 from metarun.errors import UserInputError
 from metarun.models.base import Backbone
 from metarun.models.transformer import LayerNorm
+from metarun.vmap import over_tasks
 
 
 _DEFAULTS = option_defaults("algo", "incontext")
@@ -132,8 +133,9 @@ class InContextLearner(nn.Module, MetaAlgorithm):
         """Query predictions [T, Q, output_size] (logits or targets) and the last block's attention
         [T, heads, Q, S] of the queries over the support set."""
         self._check_labels(batch)
-        support = self.embed_x(vmap(self.backbone)(batch.support_x)) + self.embed_y(self._label_input(batch.support_y))
-        query = self.embed_x(vmap(self.backbone)(batch.query_x)) + self.unknown
+        features = over_tasks(self.backbone)
+        support = self.embed_x(features(batch.support_x)) + self.embed_y(self._label_input(batch.support_y))
+        query = self.embed_x(features(batch.query_x)) + self.unknown
         shots = support.shape[1]
         tokens = torch.cat([support, query], dim=1)  # [T, S+Q, width]
         weights = tokens.new_empty(0)
@@ -192,15 +194,25 @@ class InContextLearner(nn.Module, MetaAlgorithm):
         first = batch.slice(0, 1)
         _, weights = self.forward_with_attention(first)
         matrix = weights[0].mean(dim=0)  # [Q, S]
+        rows, cols = torch.arange(matrix.shape[0]), torch.arange(matrix.shape[1])
+        names: dict[str, list[str]] = {}
+        breaks: dict[str, list[int]] = {}
+        order = "position"
         if self.spec.kind == "classification":
-            sy, qy = first.support_y[0], first.query_y[0]
+            sy, qy = first.support_y[0].cpu(), first.query_y[0].cpu()
             rows, cols = qy.argsort(stable=True), sy.argsort(stable=True)
             breaks = {"row_breaks": group_breaks(qy[rows]), "col_breaks": group_breaks(sy[cols])}
+            names = {"row_names": [f"class {y}" for y in qy[rows].tolist()],
+                     "col_names": [f"class {y}" for y in sy[cols].tolist()]}
+            order = "label"
         elif first.support_x.dim() == 3:  # [1, S, D] vector inputs
-            rows, cols = first.query_x[0, :, 0].argsort(), first.support_x[0, :, 0].argsort()
-            breaks = {}
-        else:
-            rows, cols = torch.arange(matrix.shape[0]), torch.arange(matrix.shape[1])
-            breaks = {}
+            qx, sx = first.query_x[0, :, 0].cpu(), first.support_x[0, :, 0].cpu()
+            rows, cols = qx.argsort(), sx.argsort()
+            names = {"row_names": [f"{x:.1f}" for x in qx[rows].tolist()],
+                     "col_names": [f"{x:.1f}" for x in sx[cols].tolist()]}
+            order = "x"
         matrix = matrix[rows.to(matrix.device)][:, cols.to(matrix.device)]
-        return {"query_support_attention": heatmap(matrix, **breaks)}
+        title = "query-to-support attention, validation task 0\n(last block, heads averaged)"
+        picture = attention_map(matrix, title=title, row_label=f"query (sorted by {order})",
+                                col_label=f"support example (sorted by {order})", **names, **breaks)
+        return {"query_support_attention": picture}

@@ -11,11 +11,11 @@ differentiates through those inner gradients (second order) unless they are deta
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, grad
 
 from metarun.algorithms.base import MetaAlgorithm, batch_metrics, task_loss, task_losses
 from metarun.benchmarks.base import TaskSpec
@@ -23,6 +23,7 @@ from metarun.defaults import option_defaults
 from metarun.episodes import TaskBatch
 from metarun.models import per_task
 from metarun.models.base import Backbone
+from metarun.vmap import over_tasks
 
 Params = dict[str, Tensor]
 Rate = float | Params  # one inner step size, or one per parameter (Meta-SGD)
@@ -116,7 +117,7 @@ class MAML(nn.Module, MetaAlgorithm):
         if self.adapt == "head":
             # ANIL: the body is not adapted, so its features are computed once per task.
             body = submodule_params(params, "backbone.")
-            features = vmap(lambda x: self._call(self.net.backbone, body, x))
+            features = over_tasks(lambda x: self._call(self.net.backbone, body, x))
             sx, qx = features(sx), features(qx)
             module = self.net.head
             params = submodule_params(params, "head.")
@@ -172,10 +173,11 @@ class MAML(nn.Module, MetaAlgorithm):
     @torch.no_grad()
     def visualize(self, batch: TaskBatch) -> dict[str, Tensor]:
         """For 1-D regression (sine): the model's curve before and after adaptation on the first task,
-        against its support and query points. Other benchmarks: nothing to draw."""
+        against its support and query points; titled with the sine's amplitude and phase when the points
+        determine them. Other benchmarks: nothing to draw."""
         if self.spec.kind != "regression" or self.spec.input_shape != (1,):
             return {}
-        from metarun.plotting import curve_plot
+        from metarun.plotting import curve_plot, sine_fit
 
         params = {k: v.detach() for k, v in self.net.named_parameters()}
         sx, sy, qx, qy = batch.support_x[0], batch.support_y[0], batch.query_x[0], batch.query_y[0]
@@ -188,7 +190,13 @@ class MAML(nn.Module, MetaAlgorithm):
             if step in (1, self.eval_inner_steps):
                 shade = (40, 170, 40) if step == self.eval_inner_steps else (150, 210, 150)
                 curves[f"after {step} step{'s' if step > 1 else ''}"] = (self._call(self.net, fast, grid), shade)
-        numpy_curves = {k: (v.squeeze(-1).cpu().numpy(), c) for k, (v, c) in curves.items()}
-        points = {"query (true)": (qx.squeeze(-1).cpu().numpy(), qy.squeeze(-1).cpu().numpy(), (0, 0, 0)),
-                  "support": (sx.squeeze(-1).cpu().numpy(), sy.squeeze(-1).cpu().numpy(), (220, 40, 40))}
-        return {"val/adaptation": curve_plot(grid.squeeze(-1).cpu().numpy(), numpy_curves, points)}
+
+        def flat(t: Tensor) -> Any:  # [N, 1] -> [N] float64 numpy array
+            return t.detach().squeeze(-1).cpu().double().numpy()
+
+        numpy_curves = {k: (flat(v), c) for k, (v, c) in curves.items()}
+        points = {"query (true)": (flat(qx), flat(qy), (0, 0, 0)),
+                  f"support (K={len(sx)})": (flat(sx), flat(sy), (220, 40, 40))}
+        truth = sine_fit(flat(torch.cat([sx, qx])), flat(torch.cat([sy, qy])))
+        title = "validation task 0" + (f": y = {truth[0]:.2f} sin(x - {truth[1]:.2f})" if truth else "")
+        return {"val/adaptation": curve_plot(flat(grid), numpy_curves, points, title, truth)}

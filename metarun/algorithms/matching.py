@@ -34,6 +34,7 @@ from metarun.benchmarks.base import TaskSpec
 from metarun.defaults import option_defaults
 from metarun.episodes import TaskBatch
 from metarun.models.base import Backbone
+from metarun.vmap import over_tasks
 
 
 _DEFAULTS = option_defaults("algo", "matching")
@@ -96,8 +97,8 @@ class MatchingNet(nn.Module, MetaAlgorithm):
     def log_probs(self, batch: TaskBatch) -> Tensor:
         """[T, Q, N] log of each query's attention-weighted label distribution (eq. 1)."""
         ways = self.spec.ways
-        support = vmap(self.backbone)(batch.support_x)  # [T, S, D]
-        query = vmap(self.backbone)(batch.query_x)  # [T, Q, D]
+        support = over_tasks(self.backbone)(batch.support_x)  # [T, S, D]
+        query = over_tasks(self.backbone)(batch.query_x)  # [T, Q, D]
         if self.fce:
             support = self._context_support(support)
             query = self._context_query(query, support)

@@ -32,6 +32,7 @@ from metarun.defaults import option_defaults
 from metarun.episodes import TaskBatch
 from metarun.errors import UserInputError
 from metarun.models.base import Backbone
+from metarun.vmap import over_tasks
 
 
 _DEFAULTS = option_defaults("algo", "protonet")
@@ -80,8 +81,8 @@ class ProtoNet(nn.Module, MetaAlgorithm):
     def logits(self, batch: TaskBatch) -> Tensor:
         """[T, Q, N] class scores of every query: -squared distance, or cosine / temperature."""
         ways = self._ways()
-        support = vmap(self.backbone)(batch.support_x)  # [T, S, D]
-        query = vmap(self.backbone)(batch.query_x)  # [T, Q, D]
+        support = over_tasks(self.backbone)(batch.support_x)  # [T, S, D]
+        query = over_tasks(self.backbone)(batch.query_x)  # [T, Q, D]
         onehot = F.one_hot(batch.support_y, ways).to(support.dtype)  # [T, S, N]
         # prototypes: per-class mean of the support embeddings, as one batched product
         prototypes = onehot.transpose(1, 2) @ support / onehot.sum(dim=1).unsqueeze(-1)  # [T, N, D]

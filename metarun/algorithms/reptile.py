@@ -35,13 +35,14 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, grad
 
 from metarun.algorithms.base import MetaAlgorithm, batch_metrics, task_loss
 from metarun.benchmarks.base import TaskSpec
 from metarun.defaults import option_defaults
 from metarun.episodes import TaskBatch
 from metarun.models.base import Backbone
+from metarun.vmap import over_tasks
 
 Params = dict[str, Tensor]
 
@@ -159,7 +160,7 @@ class Reptile(nn.Module, MetaAlgorithm):
             return fast, loss, metric
 
         with torch.no_grad():  # the meta-update needs the adapted weights, not a graph through them
-            adapted, losses, metric = vmap(one_task)(xs, ys, batch.query_x, batch.query_y)
+            adapted, losses, metric = over_tasks(one_task)(xs, ys, batch.query_x, batch.query_y)
         # gradient of 0.5 * ||theta - target||^2 is theta - target: SGD(lr=epsilon) then steps towards the target
         surrogate = torch.stack([0.5 * (p - adapted[k].mean(dim=0)).pow(2).sum()
                                  for k, p in self.net.named_parameters()]).sum()
@@ -179,6 +180,6 @@ class Reptile(nn.Module, MetaAlgorithm):
             after = task_loss(self.spec, self._call(self._adapt(params, xs, ys), qx), qy)[1]
             return before, after
 
-        before, after = vmap(one_task)(xs, ys, batch.query_x, batch.query_y)
+        before, after = over_tasks(one_task)(xs, ys, batch.query_x, batch.query_y)
         name = self.spec.metric
         return {f"{name}@0": before, f"{name}@{self.eval_inner_steps}": after, name: after}

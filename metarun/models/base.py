@@ -9,7 +9,9 @@ from __future__ import annotations
 from typing import ClassVar, Literal, Protocol
 
 from torch import Tensor, nn
-from torch.func import functional_call, vmap
+from torch.func import functional_call
+
+from metarun.vmap import over_tasks
 
 InputKind = Literal["vector", "image"]
 
@@ -25,11 +27,12 @@ class Backbone(Protocol):
         """The forward pass of T tasks at once, task t with its own weights: x [T, N, *input_shape],
         params[name] [T, *shape] -> [T, N, out_features]. MAML adapts one copy of the weights per task.
 
-        Default: torch.func.vmap over a functional_call. A model simple enough to write it as batched
-        matrix products overrides it (MLP: models/per_task.py), which skips vmap's per-call Python."""
+        Default: torch.func.vmap over a functional_call (metarun.vmap.over_tasks: each task draws its own
+        dropout masks). A model simple enough to write it as batched matrix products overrides it (MLP:
+        models/per_task.py), which skips vmap's per-call Python."""
         assert isinstance(self, nn.Module)
         buffers = dict(self.named_buffers())
-        return vmap(lambda p, xt: functional_call(self, (p, buffers), (xt,)))(params, x)
+        return over_tasks(lambda p, xt: functional_call(self, (p, buffers), (xt,)))(params, x)
 
     def update_running_stats(self, *image_sets: Tensor) -> None:
         """Move running normalisation statistics towards those of `image_sets` (each [T, N_i, *input_shape]).
