@@ -4,6 +4,7 @@ serves every algorithm; defaults come from configs/model/*.yaml."""
 from metarun.models.base import Backbone
 from metarun.models.cnn import ConvNet
 from metarun.models.mlp import MLP
+from metarun.models.resnet12 import ResNet12
 from metarun.models.transformer import Transformer
 
-__all__ = ["MLP", "Backbone", "ConvNet", "Transformer"]
+__all__ = ["MLP", "Backbone", "ConvNet", "ResNet12", "Transformer"]
