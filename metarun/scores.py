@@ -19,7 +19,8 @@ from metarun.stats import Estimate
 
 SCORES_FILE = "scores.json"
 # Benchmark keys that say where the data is and how it is decoded, not which tasks are drawn.
-_NOT_POOL = ("root", "cache_dir", "decode_workers")
+# where the data is read and cached, and what only meta-training episodes see (augment): not the pool
+_NOT_POOL = ("root", "cache_dir", "decode_workers", "augment")
 
 
 def pool_identity(cfg: DictConfig, benchmark: str, split: str, tasks: int) -> dict[str, Any]:
@@ -28,6 +29,23 @@ def pool_identity(cfg: DictConfig, benchmark: str, split: str, tasks: int) -> di
     assert isinstance(settings, dict)
     return {"benchmark": benchmark, "split": split, "pool_seed": int(cfg.trainer.pool_seed), "tasks": tasks,
             "settings": {k: v for k, v in sorted(settings.items()) if k not in _NOT_POOL}}
+
+
+def comparable_pool(pool: dict[str, Any]) -> dict[str, Any]:
+    """`pool` as it compares: keys of the pool itself left out, and a benchmark setting the run's scores.json
+    does not name (written before the option existed) taken at the option's default, so that adding a benchmark
+    option never makes older runs look scored on another pool."""
+    from metarun.defaults import option_defaults  # the config tree: only when comparing
+
+    settings = {k: v for k, v in pool.get("settings", {}).items() if k not in _NOT_POOL}
+    try:
+        defaults = option_defaults("benchmark", str(pool.get("benchmark")))
+    except FileNotFoundError:  # a benchmark of a user's own config tree
+        defaults = {}
+    for key, value in defaults.items():
+        if key not in settings and key not in _NOT_POOL and not key.startswith("_"):
+            settings[key] = list(value) if isinstance(value, tuple) else value
+    return {**pool, "settings": dict(sorted(settings.items()))}
 
 
 def write_scores(path: Path, pool: dict[str, Any], estimates: dict[str, Estimate]) -> None:
