@@ -15,6 +15,9 @@ figure ("paper (Snell et al. 2017, Table 1)"), `reference:` one we measured ours
 When a preset has both, the published one is compared. A figure whose `metric` names a per-step metric of
 the result (`mse@1`) is compared with that metric of ours, not the headline. Verdict: within the combined
 95% CIs, above, or below.
+
+`--plot DIR` and `--format html` add figures (metarun.figures; matplotlib, the `plot` extra, imported only
+then): a results chart per metric, metric against adaptation step, learning curves from each run's metrics.jsonl.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import OmegaConf
 from rich.table import Table
@@ -36,6 +39,9 @@ from rich.table import Table
 from metarun.checkpoint import checkpoint_run_dir, run_overrides
 from metarun.console import console
 from metarun.errors import UserInputError
+
+if TYPE_CHECKING:
+    from metarun.figures.report_figures import ReportFigures
 
 # Override keys that are not part of a setting (a key, or everything below it: `hydra.run.dir`, `hydra/launcher`).
 # The one list: report groups by it, check keys its baseline by it.
@@ -65,8 +71,12 @@ def setting_of(results: dict[str, Any], overrides: list[str]) -> str:
     Later overrides of a key win (an eval's own over its training run's)."""
     by_key = {override_key(o): o for o in overrides}
     kept = sorted(o for key, o in by_key.items() if is_setting(o) and key not in _IN_BASE)
-    base = f"{results.get('algo')}/{results.get('model')}/{results.get('benchmark')} ({results.get('split', 'test')})"
-    return " ".join([base, *kept])
+    return " ".join([setting_base(results), *kept])
+
+
+def setting_base(results: dict[str, Any]) -> str:
+    """A setting's first part, `algo/model/benchmark (split)`; its overrides follow it."""
+    return f"{results.get('algo')}/{results.get('model')}/{results.get('benchmark')} ({results.get('split', 'test')})"
 
 
 def pooled_figure(means: list[float], ci95s: list[float]) -> tuple[float, float]:
@@ -225,10 +235,8 @@ def _fmt(value: float | None, metric: str) -> str:
 HEADERS = ("setting", "metric", "runs", "mean", "seed std", "mean 95% CI", "source", "figure", "difference", "verdict")
 
 
-def render(rows: list[dict[str, Any]], fmt: str) -> str:
-    if fmt == "json":
-        return json.dumps(rows, indent=2) + "\n"
-    headers = list(HEADERS)
+def table_cells(rows: list[dict[str, Any]]) -> list[list[str]]:
+    """The table's cells as printed (accuracy in %): what md, csv, the terminal and the HTML page show."""
     lines = []
     for r in rows:
         figure = "-" if r["figure_mean"] is None else \
@@ -236,6 +244,14 @@ def render(rows: list[dict[str, Any]], fmt: str) -> str:
         lines.append([r["setting"], r["metric"] + (" %" if r["metric"] == "accuracy" else ""), str(r["runs"]),
                       _fmt(r["mean"], r["metric"]), _fmt(r["seed_std"], r["metric"]), _fmt(r["mean_ci95"], r["metric"]),
                       r["source"] or "-", figure, _fmt(r["difference"], r["metric"]), r["verdict"] or "-"])
+    return lines
+
+
+def render(rows: list[dict[str, Any]], fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps(rows, indent=2) + "\n"
+    headers = list(HEADERS)
+    lines = table_cells(rows)
     if fmt == "csv":
         buffer = io.StringIO()
         writer = csv.writer(buffer)
@@ -251,32 +267,78 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     table = Table(title="metarun report: mean over seeds, spread across seeds, mean per-run 95% CI")
     for col in HEADERS:
         table.add_column(col, justify="left" if col in ("setting", "source") else "right")
-    for line in render(rows, "csv").splitlines()[1:]:
-        table.add_row(*next(csv.reader([line])))
+    for line in table_cells(rows):
+        table.add_row(*line)
     console.print(table)
 
 
 def main(args: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="metarun report", description="Tabulate results.json files over seeds.")
     parser.add_argument("paths", nargs="+", help="run directories, multirun directories or results.json files")
-    parser.add_argument("--format", choices=("md", "csv", "json"), help="also write the table in this format")
+    parser.add_argument("--format", choices=("md", "csv", "json", "html"),
+                        help="also write the table in this format (html: one self-contained page with the figures)")
     parser.add_argument("--output", "-o", help="file to write (default: stdout)")
     parser.add_argument("--paper", action="store_true",
                         help="only runs of presets with a figure (published `paper:`, or our `reference:`): ours "
                              "beside it, labelled by source, with a verdict")
+    parser.add_argument("--plot", metavar="DIR",
+                        help="write the figures (PNG and SVG, one column wide) and figures.json into DIR "
+                             "(needs matplotlib: pip install \".[plot]\")")
+    parser.add_argument("--x", choices=("step", "time"), default="step",
+                        help="learning curves against meta-iterations (default) or wall time (needs a `time` key "
+                             "in metrics.jsonl)")
     ns = parser.parse_args(args)
-    rows = [g.row() for g in group_runs([load_run(p) for p in find_results(ns.paths)])]
+    groups = group_runs([load_run(p) for p in find_results(ns.paths)])
     if ns.paper:
-        rows = [r for r in rows if r["figure_mean"] is not None]
-        if not rows:
+        groups = [g for g in groups if g.row()["figure_mean"] is not None]
+        if not groups:
             raise UserInputError("no run under the given paths has a figure to compare with (a `paper:` or "
                                  "`reference:` mean in its preset); run an experiment preset, e.g. "
                                  "metarun train experiment=maml_sine")
-    rows.sort(key=lambda r: r["setting"])
-    if ns.format and not ns.output:
-        sys.stdout.write(render(rows, ns.format))
+    groups.sort(key=lambda g: g.setting)
+    rows = [g.row() for g in groups]
+    drawn = _draw_figures(groups, ns) if ns.plot or ns.format == "html" else None
+    text = None
+    if ns.format == "html" and drawn is not None:
+        from metarun.figures.html_page import build_page
+
+        text = build_page(f"metarun report: {' '.join(ns.paths)}", HEADERS, table_cells(rows), drawn.figures,
+                          drawn.notes)
+    elif ns.format:
+        text = render(rows, ns.format)
+    if text is not None and not ns.output:
+        sys.stdout.write(text)
         return
     print_table(rows)
-    if ns.format:
-        Path(ns.output).write_text(render(rows, ns.format))
+    if text is not None:
+        _write(Path(ns.output), text)
         console.print(f"wrote {ns.output}")
+
+
+def _draw_figures(groups: list[Group], ns: argparse.Namespace) -> ReportFigures:
+    """Figures for --plot and the HTML page. matplotlib is imported here, never at import time, and the
+    output folder is checked before anything is drawn."""
+    from metarun.console import error_console
+    from metarun.figures.backend import load_matplotlib
+
+    load_matplotlib()
+    from metarun.figures.output import prepare_folder, write_figures
+    from metarun.figures.report_figures import report_figures
+
+    folder = prepare_folder(ns.plot) if ns.plot else None
+    drawn = report_figures(groups, ns.x)
+    for note in drawn.notes:  # stderr: the HTML page may be going to stdout
+        error_console.print(f"note: {note}", markup=False)
+    if folder is not None:
+        index = write_figures(folder, drawn.figures)
+        error_console.print(f"wrote {len(drawn.figures)} figures (PNG and SVG) to {folder}; which is which: {index}",
+                            markup=False)
+    return drawn
+
+
+def _write(path: Path, text: str) -> None:
+    try:
+        path.expanduser().write_text(text)
+    except OSError as ex:
+        raise UserInputError(f"cannot write {path}: {ex.strerror or ex}; give a file you can write to "
+                             f"(-o FILE)") from None
