@@ -17,8 +17,9 @@ commands:
   train   train a meta-learner: metarun train algo=maml model=mlp benchmark=sine [key=value ...]
           sweeps: metarun train -m seed=0,1,2 algo=maml,fomaml
   eval    score a checkpoint on the fixed test pool: metarun eval ckpt_path=<run>/checkpoints/best.pt
-  report  tabulate results over seeds: metarun report outputs/ multirun/ [--paper] [--format md|csv|json -o FILE]
-  compare runs task by task on the same pool, difference with a 95% CI: metarun compare BASELINE_RUN RUN...
+  report  tabulate results over seeds: metarun report outputs/ multirun/ [--paper] [--format md|csv|json|html -o FILE]
+          figures: [--plot DIR] [--x step|time] (pip install ".[plot]")
+  compare runs task by task on the same pool, difference with a 95% CI: metarun compare BASELINE_RUN RUN... [--plot DIR]
   check   CI regression guard: metarun check results.json --baseline baseline.json [--update]
   data    get and check datasets: metarun data download omniglot root=PATH; metarun data verify omniglot root=PATH
           (metarun data --help for more)

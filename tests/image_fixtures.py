@@ -110,24 +110,25 @@ def mini_classes(train: int, val: int, test: int) -> dict[str, list[str]]:
             for split, digit, count in (("train", 1, train), ("val", 2, val), ("test", 3, test))}
 
 
-def _split_arrays(seed: int, classes: dict[str, list[str]]) -> dict[str, tuple[np.ndarray, list[str]]]:
-    """Per split: uint8 [n, 84, 84, 3] images (class-major) and their class names."""
+def _split_arrays(seed: int, classes: dict[str, list[str]],
+                  per_class: int = MINI_PER_CLASS) -> dict[str, tuple[np.ndarray, list[str]]]:
+    """Per split: uint8 [n, 84, 84, 3] images (class-major, `per_class` each) and their class names."""
     rng = np.random.default_rng(seed)
     out, index = {}, 0
     for split, wnids in classes.items():
         images = []
         for _ in wnids:
-            images += [_mini_pixels(rng, index, 84, 84) for _ in range(MINI_PER_CLASS)]
+            images += [_mini_pixels(rng, index, 84, 84) for _ in range(per_class)]
             index += 1
-        out[split] = (np.stack(images), [w for w in wnids for _ in range(MINI_PER_CLASS)])
+        out[split] = (np.stack(images), [w for w in wnids for _ in range(per_class)])
     return out
 
 
 def mini_cache_pickles(root: Path, seed: int = 0, val_name: str = "validation",
-                       classes: dict[str, list[str]] | None = None) -> Path:
+                       classes: dict[str, list[str]] | None = None, per_class: int = MINI_PER_CLASS) -> Path:
     """mini-imagenet-cache-{train,validation,test}.pkl with image_data and class_dict (Python 3 pickles)."""
     root.mkdir(parents=True, exist_ok=True)
-    for split, (images, labels) in _split_arrays(seed, classes or MINI_CLASSES).items():
+    for split, (images, labels) in _split_arrays(seed, classes or MINI_CLASSES, per_class).items():
         class_dict: dict[str, list[int]] = {}
         for i, label in enumerate(labels):
             class_dict.setdefault(label, []).append(i)

@@ -67,6 +67,10 @@ CASES: dict[str, list[str]] = {
     # the shared meta-training distortions (benchmarks/augment.py), pinned through the pairs they make
     "siamese-omniglot-cnn-augment": ["algo=siamese", *OMNIGLOT, "+benchmark.augment={rotation: 10, shear: 0.3, "
                                      "scale: [0.8, 1.2], translation: 2, probability: 0.5}"],
+    # the convex heads: the SVM dual (interior point, implicit gradients) and ridge regression's closed form
+    "metaoptnet-omniglot-cnn": ["algo=metaoptnet", *OMNIGLOT],
+    "metaoptnet-omniglot-cnn-ridge": ["algo=metaoptnet", *OMNIGLOT, "algo.head=ridge"],
+    "r2d2-omniglot-cnn": ["algo=r2d2", *OMNIGLOT],
 }
 
 

@@ -9,8 +9,11 @@ from metarun.algorithms.feat import FEAT
 from metarun.algorithms.incontext import InContextLearner
 from metarun.algorithms.maml import MAML
 from metarun.algorithms.matching import MatchingNet
+from metarun.algorithms.metaoptnet import MetaOptNet
 from metarun.algorithms.metasgd import MetaSGD
 from metarun.algorithms.protonet import ProtoNet
+from metarun.algorithms.r2d2 import R2D2
 from metarun.algorithms.reptile import Reptile
 
-__all__ = ["FEAT", "MAML", "InContextLearner", "MatchingNet", "MetaAlgorithm", "MetaSGD", "ProtoNet", "Reptile"]
+__all__ = ["FEAT", "MAML", "InContextLearner", "MatchingNet", "MetaAlgorithm", "MetaOptNet", "MetaSGD", "ProtoNet", "R2D2",
+           "Reptile"]
