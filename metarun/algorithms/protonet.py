@@ -122,4 +122,4 @@ class ProtoNet(nn.Module, MetaAlgorithm):
 
     def _ways(self) -> int:
         """N of the episodes at hand: the meta-training shape when training, the benchmark's otherwise."""
-        return episode_ways(self.spec, self.train_episode()) if self.training else self.spec.ways
+        return episode_ways(self.spec, self.train_episode(), self.training)

@@ -80,13 +80,15 @@ class Siamese(nn.Module, MetaAlgorithm):
         query = over_tasks(self.backbone)(batch.query_x)  # [T, Q, D]
         return weighted_l1(query, support, self.distance.weight[0]) + self.distance.bias[0]
 
-    def class_scores(self, batch: TaskBatch, ways: int) -> Tensor:
-        """[T, Q, N]: the mean pair probability of each query against each class's support examples."""
-        member = F.one_hot(batch.support_y, ways).to(batch.support_x.dtype)  # [T, S, N]
-        return torch.sigmoid(self.pair_logits(batch)) @ member / member.sum(dim=1, keepdim=True)
+    def class_scores(self, batch: TaskBatch, ways: int, logits: Tensor | None = None) -> Tensor:
+        """[T, Q, N]: the mean pair probability of each query against each class's support examples
+        (from `logits` [T, Q, S] when the caller has them)."""
+        logits = self.pair_logits(batch) if logits is None else logits
+        member = F.one_hot(batch.support_y, ways).to(logits.dtype)  # [T, S, N]
+        return torch.sigmoid(logits) @ member / member.sum(dim=1, keepdim=True)
 
     def _ways(self) -> int:
-        return episode_ways(self.spec, self.train_episode()) if self.training else self.spec.ways
+        return episode_ways(self.spec, self.train_episode(), self.training)
 
     # -- the MetaAlgorithm protocol ------------------------------------------------------------------
 
@@ -94,9 +96,7 @@ class Siamese(nn.Module, MetaAlgorithm):
         logits = self.pair_logits(batch)  # [T, Q, S]
         same = (batch.query_y.unsqueeze(2) == batch.support_y.unsqueeze(1)).to(logits.dtype)
         losses = F.binary_cross_entropy_with_logits(logits, same, reduction="none").flatten(1).mean(dim=1)  # [T]
-        ways = self._ways()
-        member = F.one_hot(batch.support_y, ways).to(logits.dtype)
-        scores = torch.sigmoid(logits.detach()) @ member / member.sum(dim=1, keepdim=True)
+        scores = self.class_scores(batch, self._ways(), logits.detach())
         accuracy = (scores.argmax(dim=-1) == batch.query_y).to(logits.dtype).mean(dim=1)
         return losses.mean(), batch_metrics(self.spec, losses, accuracy)
 

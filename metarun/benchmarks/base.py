@@ -66,10 +66,11 @@ class Benchmark(Protocol):
         return self
 
 
-def episode_ways(spec: TaskSpec, shape: dict[str, int]) -> int:
-    """The ways of episodes drawn with the shape overrides `shape` (a `train_episode()`): the one rule by which
-    an algorithm knows N without reading it back from the labels (which would also cost a device sync)."""
-    return int(shape.get("ways", spec.ways))
+def episode_ways(spec: TaskSpec, shape: dict[str, int], training: bool) -> int:
+    """The ways of the episodes an algorithm is handed: its meta-training shape overrides `shape` (a
+    `train_episode()`) when training, the benchmark's own otherwise. The one rule by which an algorithm knows N
+    without reading it back from the labels (which would also cost a device sync)."""
+    return int(shape.get("ways", spec.ways)) if training else spec.ways
 
 
 def pool_seed(base_seed: int, split: str, chunk: int) -> int:

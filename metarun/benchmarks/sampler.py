@@ -50,6 +50,7 @@ class EpisodeSampler:
         self.ways, self.shots, self.queries = ways, shots, queries
         self.augment = augment
         self.groups = None if groups is None else groups.to(torch.long).cpu()
+        self._eligible: dict[tuple[str, int], Tensor] = {}
         if self.groups is not None:
             for split in self.ranges:
                 self._eligible_groups(split, ways)  # a split with no group of `ways` classes: one line now
@@ -110,14 +111,19 @@ class EpisodeSampler:
         return TaskBatch(support, support_y.clone(), query, query_y.clone())
 
     def _eligible_groups(self, split: str, ways: int) -> Tensor:
-        """The groups of `split` with at least `ways` classes (within-group episodes draw among them)."""
+        """The groups of `split` with at least `ways` classes (within-group episodes draw among them); worked out
+        once per (split, ways), not at every draw."""
         assert self.groups is not None
+        cached = self._eligible.get((split, ways))
+        if cached is not None:
+            return cached
         start, stop = self.ranges[split]
         ids, counts = self.groups[start:stop].unique(return_counts=True)
         eligible = ids[counts >= ways]
         if eligible.numel() == 0:
             raise UserInputError(f"{ways}-way episodes within one group: no group of the {split} split of {self.name} "
                                  f"has {ways} classes (the largest has {int(counts.max()) if counts.numel() else 0})")
+        self._eligible[(split, ways)] = eligible
         return eligible
 
     def _layout(self, t: int, n: int, k: int, q: int, draw: torch.device) -> tuple[Tensor, Tensor, Tensor]:
