@@ -89,8 +89,10 @@ class RunSchema:
     reference: Any = None  # experiment presets: our own measured reference figure (labelled as ours)
 
 
+# trainer.steps may be 0: score the initial weights on the test pool (algo=baseline's policies train nothing)
+NON_NEGATIVE_KEYS = ("trainer.steps",)
 POSITIVE_KEYS = (
-    "trainer.steps", "trainer.meta_batch_size", "trainer.log_every", "trainer.eval_every", "trainer.val_tasks",
+    "trainer.meta_batch_size", "trainer.log_every", "trainer.eval_every", "trainer.val_tasks",
     "trainer.eval_tasks", "trainer.eval_batch_size", "trainer.checkpoint_every",
     "benchmark.ways", "benchmark.shots", "benchmark.queries",
 )
@@ -124,10 +126,10 @@ def validate(cfg: DictConfig) -> DictConfig:
         raise UserInputError(f"threads must be a positive integer or null (got {typed.threads})")
     if typed.device not in DEVICES:
         raise UserInputError(f"device must be one of {', '.join(DEVICES)} (got '{typed.device}')")
-    for key in POSITIVE_KEYS:
-        value = OmegaConf.select(typed, key)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            raise UserInputError(f"{key} must be a positive integer (got {value})")
+    for key in (*NON_NEGATIVE_KEYS, *POSITIVE_KEYS):
+        value, least = OmegaConf.select(typed, key), 0 if key in NON_NEGATIVE_KEYS else 1
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < least):
+            raise UserInputError(f"{key} must be a {'non-negative' if least == 0 else 'positive'} integer (got {value})")
     return typed
 
 

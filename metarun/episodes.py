@@ -7,9 +7,26 @@ downstream reads these four tensors, each with a leading task dimension T.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
+
+
+class Batch(Protocol):
+    """What the trainer, the evaluation and the distributed sharding need of a batch of tasks: TaskBatch
+    (supervised episodes) and metarun.rl.envs.EnvBatch (reinforcement tasks) both are one."""
+
+    @property
+    def num_tasks(self) -> int: ...
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "Batch": ...
+
+    def slice(self, start: int, stop: int) -> "Batch": ...
+
+    def normalisation_inputs(self) -> tuple[Tensor, ...]:
+        """The inputs the backbone's running normalisation statistics follow (Backbone.update_running_stats)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -40,3 +57,7 @@ class TaskBatch:
         return TaskBatch(
             self.support_x[start:stop], self.support_y[start:stop], self.query_x[start:stop], self.query_y[start:stop]
         )
+
+    def normalisation_inputs(self) -> tuple[Tensor, ...]:
+        """Support and query images: what a per-task loop with nn.BatchNorm2d normalises with (see trainer)."""
+        return self.support_x, self.query_x

@@ -28,7 +28,7 @@ from metarun.errors import UserInputError
 from metarun.eval_config import EVAL_OWN_KEYS, eval_config, override_key
 from metarun.evaluation import evaluate_pool
 from metarun.loggers import ConsoleLogger, JsonlLogger, MetricLogger, MultiLogger, TensorBoardLogger
-from metarun.models.base import Backbone
+from metarun.models.base import Backbone, input_kind
 from metarun.runtime import auto_task_chunk, configure_runtime, resolve_device
 from metarun.scores import SCORES_FILE, pool_identity, write_scores
 from metarun.stats import Estimate
@@ -78,17 +78,25 @@ def build(cfg: DictConfig, names: dict[str, str],
     reason = incompatibility(algorithm_class, spec, names["algo"], names["benchmark"])
     if reason:
         raise UserInputError(reason)
-    kind = "image" if spec.is_image else "vector"
+    input_shape = algorithm_class.backbone_input_shape(spec)
+    kind = input_kind(input_shape)
     if kind not in model_class.accepts:
+        source = (f"benchmark={names['benchmark']} has" if input_shape == spec.input_shape else
+                  f"algo={names['algo']} on benchmark={names['benchmark']} reads")
         raise UserInputError(f"model={names['model']} needs {'/'.join(sorted(model_class.accepts))} inputs and "
-                             f"benchmark={names['benchmark']} has {kind} inputs; use model=mlp or model=transformer")
-    backbone = _instantiate(cfg.model, "model", input_shape=spec.input_shape)
+                             f"{source} {kind} inputs; use {_MODELS_FOR[kind]}")
+    backbone = _instantiate(cfg.model, "model", input_shape=input_shape)
     runtime: dict[str, Any] = {"backbone": backbone, "spec": spec}
     if algorithm_class.draws_randomness:
         runtime["generator"] = generator if generator is not None else algorithm_generator(int(cfg.seed))
     algorithm = _instantiate(cfg.algo, "algo", **runtime)
     _check_train_episode(benchmark, algorithm, names)
     return benchmark, algorithm
+
+
+# what run.py suggests for each kind of backbone input (models/base.py input_kind)
+_MODELS_FOR = {"vector": "model=mlp or model=transformer", "image": "model=cnn, model=resnet12 or model=transformer",
+               "sequence": "model=gru or model=transformer"}
 
 
 def algorithm_generator(seed: int) -> torch.Generator:
@@ -183,6 +191,10 @@ def _config_differences(saved: DictConfig, current: DictConfig) -> list[str]:
 def build_optimizer(make: Callable[..., torch.optim.Optimizer], algorithm: MetaAlgorithm) -> torch.optim.Optimizer:
     """The configured optimizer over the algorithm's parameters, honouring its `parameter_groups()`
     (each group's lr = the configured lr x its "lr_scale"; set before any scheduler records initial lrs)."""
+    if not any(True for _ in algorithm.parameters()):  # type: ignore[attr-defined]
+        # an algorithm without parameters (algo=baseline's bandit/MDP policies) is scored, never stepped: an
+        # empty optimizer keeps the trainer's checkpoint format (optimizers refuse an empty parameter list)
+        return torch.optim.SGD([torch.nn.Parameter(torch.zeros(0))], lr=0.0)
     groups = algorithm.parameter_groups()
     if groups is None:
         return make(algorithm.parameters())  # type: ignore[attr-defined]

@@ -19,7 +19,7 @@ from metarun.benchmarks.base import Benchmark, task_pool
 from metarun.checkpoint import load_checkpoint, save_checkpoint
 from metarun.config import TrainerSettings
 from metarun.distributed import Distributed
-from metarun.episodes import TaskBatch
+from metarun.episodes import Batch
 from metarun.errors import UserInputError
 from metarun.evaluation import evaluate_pool
 from metarun.loggers import MetricLogger
@@ -126,18 +126,11 @@ class EpisodicTrainer:
             while self.step < s.steps:
                 batch = self.dist.shard(self.benchmark.sample("train", s.meta_batch_size, self.generator,
                                                               **self.train_episode)).to(self.device)
-                self.optimizer.zero_grad(set_to_none=True)
-                loss, metrics = self._backward(batch)
-                self.dist.average_gradients(self.algorithm.parameters())
-                loss = self.dist.mean(loss)
-                metrics = {k: self.dist.mean(v) for k, v in metrics.items()}
-                grad_norm = self._grad_norm()
-                if not bool(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)):
-                    self._on_nonfinite(float(loss.detach()), float(grad_norm))
+                self.algorithm.backbone.set_progress(self.step)
+                outcome = self._train_step(batch)
+                if outcome is None:  # a non-finite loss or gradient, skipped (trainer.on_nan=skip)
                     continue
-                # normalisation statistics (model.bn=inductive) move once per step, from the step's tasks
-                self.algorithm.backbone.update_running_stats(batch.support_x, batch.query_x)
-                self.optimizer.step()
+                metrics, grad_norm = outcome
                 if self.scheduler is not None:
                     self.scheduler.step()
                 self.step += 1
@@ -168,7 +161,36 @@ class EpisodicTrainer:
                 raise Interrupted(self._signal, self.step, self.ckpt_dir / "last.pt", self.phase)
             return self.test()
 
-    def _backward(self, batch: TaskBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _train_step(self, batch: Batch) -> tuple[dict[str, torch.Tensor], torch.Tensor] | None:
+        """One training step: an optimizer step on each batch the algorithm's `updates` yields (the step's batch
+        once for most; PPO's minibatches of its rollouts, epoch after epoch, for RL^2), each checked for NaN/inf
+        before it is taken. Returns the step's mean metrics and gradient norm, or None when a non-finite update
+        was skipped (trainer.on_nan=skip; the rest of the step with it)."""
+        sums: dict[str, torch.Tensor] = {}
+        norms: list[torch.Tensor] = []
+        updates = self.algorithm.updates(batch)
+        for part in updates:
+            self.optimizer.zero_grad(set_to_none=True)
+            loss, metrics = self._backward(part)
+            self.dist.average_gradients(self.algorithm.parameters())
+            loss = self.dist.mean(loss)
+            grad_norm = self._grad_norm()
+            if not bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):
+                updates.close()
+                self._on_nonfinite(float(loss), float(grad_norm))
+                return None
+            if not norms:
+                # normalisation statistics (model.bn=inductive) move once per step, from the step's tasks
+                self.algorithm.backbone.update_running_stats(*batch.normalisation_inputs())
+            self.optimizer.step()
+            for key, value in metrics.items():
+                sums[key] = sums.get(key, 0) + self.dist.mean(value)
+            norms.append(grad_norm)
+        if not norms:
+            raise UserInputError("the algorithm's updates() yielded no batch to take an optimizer step on")
+        return {k: v / len(norms) for k, v in sums.items()}, torch.stack(norms).mean()
+
+    def _backward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Meta-loss and its gradient, in chunks of `task_chunk` tasks when set: the gradient is the same
         (each chunk's mean is weighted by its share of tasks) and peak memory is one chunk's graph."""
         chunk = self.s.task_chunk or batch.num_tasks

@@ -24,6 +24,8 @@ from metarun.models.base import Backbone
 from metarun.run import build, train
 
 UPDATES: list[tuple[int, ...]] = []  # the shapes the trainer handed to update_running_stats, in order
+PROGRESS: list[int] = []  # the steps the trainer told the backbone (set_progress), in order
+LOSSES: list[int] = []  # the number of tasks of each batch meta_loss was asked about
 
 
 class CountingBackbone(nn.Module, Backbone):
@@ -40,6 +42,9 @@ class CountingBackbone(nn.Module, Backbone):
     def update_running_stats(self, *image_sets: Tensor) -> None:
         UPDATES.append(tuple(s.shape[1] for s in image_sets))
 
+    def set_progress(self, step: int) -> None:
+        PROGRESS.append(step)
+
 
 class MinimalRegression(nn.Module, MetaAlgorithm):
     """Only the required members: a pooled regressor on the backbone's features (no adaptation)."""
@@ -54,11 +59,20 @@ class MinimalRegression(nn.Module, MetaAlgorithm):
         return task_losses(self.spec, self.head(self.backbone(batch.query_x)), batch.query_y)
 
     def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        LOSSES.append(batch.num_tasks)
         losses, metric = self._per_task(batch)
         return losses.mean(), batch_metrics(self.spec, losses, metric)
 
     def evaluate(self, batch: TaskBatch) -> dict[str, Tensor]:
         return {self.spec.metric: self._per_task(batch)[1]}
+
+
+class TaskByTask(MinimalRegression):
+    """Takes one optimizer step per task of the batch (as PPO takes one per minibatch): `updates` yields them."""
+
+    def updates(self, batch: TaskBatch):  # type: ignore[no-untyped-def]
+        for t in range(batch.num_tasks):
+            yield batch.slice(t, t + 1)
 
 
 class Undeclared(nn.Module):
@@ -93,6 +107,41 @@ def test_a_new_algorithm_with_only_the_required_members_trains_in_the_one_traine
     assert results["metric"] == "mse" and results["steps"] == 3 and best == results["val_best"]
     # once per training step, with the step's support and query sets (sine: 10 and 10 points per task)
     assert UPDATES == [(10, 10)] * 3
+    assert PROGRESS == [0, 1, 2]  # told before each step how many are done
+
+
+def test_an_algorithm_takes_as_many_optimizer_steps_as_its_updates_yield(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`updates` is how PPO takes several optimizer steps per training step: each yielded batch gets its own
+    meta_loss, backward and step; running statistics still move once per training step."""
+    monkeypatch.chdir(tmp_path)
+    UPDATES.clear(), LOSSES.clear()
+    cfg = _config("trainer.steps=2", "trainer.eval_every=2", "trainer.meta_batch_size=3", "trainer.task_chunk=null",
+                  algo="tests.test_contracts.TaskByTask", model="tests.test_contracts.CountingBackbone")
+    steps = []
+    original = torch.optim.Adam.step
+    torch.optim.Adam.step = lambda self, *a, **k: steps.append(1) or original(self, *a, **k)  # type: ignore
+    try:
+        train(cfg)
+    finally:
+        torch.optim.Adam.step = original  # type: ignore[method-assign]
+    assert len(steps) == 6 and LOSSES[:6] == [1] * 6  # 2 training steps x 3 tasks, one task per meta_loss
+    assert UPDATES == [(10, 10)] * 2
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert any("train/loss" in r for r in rows)
+
+
+def test_zero_steps_scores_the_initial_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """trainer.steps=0 (algo=baseline's policies have nothing to train) writes the test results of the weights
+    as built, through the same results/scores path."""
+    monkeypatch.chdir(tmp_path)
+    LOSSES.clear()
+    cfg = _config("trainer.steps=0", algo="tests.test_contracts.MinimalRegression",
+                  model="tests.test_contracts.CountingBackbone")
+    train(cfg)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["steps"] == 0 and results["best_step"] is None and LOSSES == []
+    assert (tmp_path / "scores.json").is_file()
 
 
 def test_a_class_that_does_not_declare_its_contract_is_refused_in_one_line() -> None:
@@ -110,3 +159,7 @@ def test_the_protocol_defaults_are_what_the_trainer_gets() -> None:
     assert algorithm.visualize(TaskBatch(*(torch.zeros(1, 2, 1) for _ in range(4)))) == {}
     assert algorithm.supports == {"classification", "regression"} and not algorithm.draws_randomness
     assert CountingBackbone.accepts == {"vector", "image"}
+    batch = TaskBatch(*(torch.zeros(2, 2, 1) for _ in range(4)))
+    assert list(algorithm.updates(batch)) == [batch]  # one optimizer step on the step's batch
+    assert MinimalRegression.backbone_input_shape(spec) == (1,)
+    assert Backbone.set_progress(CountingBackbone((1,)), 5) is None  # the Protocol's default: nothing

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any, ClassVar, Protocol
 
 import torch.nn.functional as F
 from torch import Tensor
 
 from metarun.benchmarks.base import Kind, TaskSpec
-from metarun.episodes import TaskBatch
+from metarun.episodes import Batch
 from metarun.models.base import Backbone
 
 
@@ -30,14 +31,30 @@ class MetaAlgorithm(Protocol):
     # the feature extractor; the trainer updates its running statistics once per step (Backbone protocol)
     backbone: Backbone
 
-    def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, Tensor]]:
+    def meta_loss(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         """Scalar meta-training loss (mean over tasks) and detached scalar metrics such as `loss`, `accuracy`.
-        The trainer calls backward on the loss and steps its optimizer."""
+        The trainer calls backward on the loss and steps its optimizer. `batch` is what `updates` yielded: by
+        default the sampled TaskBatch (supervised) or EnvBatch (reinforcement: tasks to roll out in)."""
         raise NotImplementedError
 
-    def evaluate(self, batch: TaskBatch) -> dict[str, Tensor]:
+    def evaluate(self, batch: Batch) -> dict[str, Tensor]:
         """Per-task metrics, each a [T] tensor; `spec.metric` must be among the keys."""
         raise NotImplementedError
+
+    def updates(self, batch: Batch) -> Iterator[Batch]:
+        """The batches of one training step's optimizer steps: for each one it yields, the trainer calls
+        `meta_loss` on it (in trainer.task_chunk chunks), runs backward, checks for NaN/inf and steps its
+        optimizer, before asking for the next. Default: the step's batch, once. RL^2 (PPO) collects rollouts
+        once and yields their minibatches epoch after epoch (each a Batch of trials, so chunking, sharding and
+        the NaN path are the same); the trainer, not the algorithm, still owns stepping, gradient clipping and
+        the scheduler (stepped once per training step)."""
+        yield batch
+
+    @classmethod
+    def backbone_input_shape(cls, spec: TaskSpec) -> tuple[int, ...]:
+        """The input shape the backbone is built for. Default: the benchmark's inputs. RL^2's policy reads the
+        whole trial as a sequence: (trial length, observation + previous action, reward and done flag)."""
+        return spec.input_shape
 
     def train_episode(self) -> dict[str, int]:
         """Episode-shape overrides (`ways`, `shots`, `queries`) for meta-training batches, which the trainer
@@ -50,7 +67,7 @@ class MetaAlgorithm(Protocol):
         Default None: one group of `parameters()` at the configured rate."""
         return None
 
-    def visualize(self, batch: TaskBatch) -> dict[str, Tensor]:
+    def visualize(self, batch: Batch) -> dict[str, Tensor]:
         """Pictures of one fixed validation episode (name -> [3, H, W] uint8), logged at each validation.
         Default: nothing to draw."""
         return {}
@@ -93,5 +110,8 @@ def incompatibility(algorithm: type[MetaAlgorithm], spec: TaskSpec, algo_name: s
     """A one-line reason why `algorithm` cannot run on this benchmark, or None when it can."""
     if spec.kind in algorithm.supports:
         return None
+    # a supervised learner on an RL benchmark needs an RL learner, whatever its own alternatives are
+    instead = "algo=rl2 (or algo=baseline for the bandit/MDP baselines)" if spec.kind == "reinforcement" \
+        else algorithm.alternatives
     return (f"algo={algo_name} supports only {'/'.join(sorted(algorithm.supports))} and benchmark={bench_name} "
-            f"is {spec.kind}; use {algorithm.alternatives}")
+            f"is {spec.kind}; use {instead}")

@@ -10,9 +10,10 @@ from typing import Literal, Protocol
 import torch
 
 from metarun.episodes import TaskBatch
+from metarun.rl.envs import EnvBatch
 from metarun.stats import higher_is_better
 
-Kind = Literal["classification", "regression"]
+Kind = Literal["classification", "regression", "reinforcement"]
 SPLITS = ("train", "val", "test")
 
 # Pools are drawn in chunks with one generator per chunk, so the tasks of a pool do not depend on
@@ -27,14 +28,22 @@ class TaskSpec:
     name: str
     kind: Kind
     input_shape: tuple[int, ...]
-    output_size: int  # ways for classification, target dimension for regression
-    ways: int
+    output_size: int  # ways for classification, target dimension for regression, actions for reinforcement
+    ways: int  # supervised episodes' shape; 0 for reinforcement (its data comes from rollouts)
     shots: int
     queries: int
+    # reinforcement: a trial is `episodes` episodes of `horizon` steps (metarun/rl/envs.py); 0 otherwise
+    horizon: int = 0
+    episodes: int = 0
 
     @property
     def metric(self) -> str:
-        return "accuracy" if self.kind == "classification" else "mse"
+        return {"classification": "accuracy", "regression": "mse", "reinforcement": "return"}[self.kind]
+
+    @property
+    def trial_length(self) -> int:
+        """Steps of a reinforcement trial (episodes x horizon)."""
+        return self.episodes * self.horizon
 
     @property
     def higher_is_better(self) -> bool:
@@ -52,8 +61,10 @@ class Benchmark(Protocol):
     spec: TaskSpec
 
     def sample(self, split: str, num_tasks: int, generator: torch.Generator, *, ways: int | None = None,
-               shots: int | None = None, queries: int | None = None) -> TaskBatch:
-        """`num_tasks` episodes of `split`, drawn only from `generator` (never the global RNG).
+               shots: int | None = None, queries: int | None = None) -> TaskBatch | EnvBatch:
+        """`num_tasks` tasks of `split`, drawn only from `generator` (never the global RNG): supervised
+        benchmarks give episodes (TaskBatch), reinforcement benchmarks the tasks' environments (EnvBatch, whose
+        data the algorithm collects by rollouts). Both are a `Batch` to the trainer.
 
         `ways`, `shots`, `queries` (None: the spec's) ask for another episode shape than the spec's, e.g. the
         wider meta-training episodes of Prototypical Networks; a benchmark that cannot give a shape raises
@@ -79,7 +90,7 @@ def pool_seed(base_seed: int, split: str, chunk: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def task_pool(benchmark: Benchmark, split: str, num_tasks: int, base_seed: int) -> Iterator[TaskBatch]:
+def task_pool(benchmark: Benchmark, split: str, num_tasks: int, base_seed: int) -> Iterator[TaskBatch | EnvBatch]:
     """The fixed, seeded pool of `num_tasks` tasks of `split`, in chunks of at most POOL_CHUNK.
 
     Independent of the training stream and of the run's seed, so every run, algorithm and machine

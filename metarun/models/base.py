@@ -13,7 +13,12 @@ from torch.func import functional_call
 
 from metarun.vmap import over_tasks
 
-InputKind = Literal["vector", "image"]
+InputKind = Literal["vector", "image", "sequence"]
+
+
+def input_kind(input_shape: tuple[int, ...]) -> InputKind:
+    """vector [F], sequence [L, F] (a trial's history, causal), image [C, H, W]."""
+    return {1: "vector", 2: "sequence", 3: "image"}[len(input_shape)]
 
 
 class Backbone(Protocol):
@@ -34,8 +39,29 @@ class Backbone(Protocol):
         buffers = dict(self.named_buffers())
         return over_tasks(lambda p, xt: functional_call(self, (p, buffers), (xt,)))(params, x)
 
+    def set_progress(self, step: int) -> None:
+        """Told by the trainer before each training step how many steps are done (0 at the first), for
+        regularisers on a schedule (ResNet-12's DropBlock rate rises linearly over its first steps, as the
+        original's). A function of the step alone, so a resumed run continues the schedule exactly.
+        Default: nothing follows the progress."""
+
     def update_running_stats(self, *image_sets: Tensor) -> None:
         """Move running normalisation statistics towards those of `image_sets` (each [T, N_i, *input_shape]).
 
         Called by the trainer once per training step, outside any vmapped pass (a buffer cannot be written
         under vmap), with the support and query inputs of the step's tasks. Default: nothing to update."""
+
+
+class SequenceBackbone(Backbone, Protocol):
+    """A causal model of sequences (input_shape (L, F)): `forward(x [B, L, F]) -> [B, L, out_features]`, where
+    output t reads inputs 0..t only, and the same computation one step at a time for rollouts:
+    `step(x [B, F], memory) -> ([B, out_features], memory)` from `initial_memory(B)`. A trial's forward over
+    the collected history equals its step-by-step rollout (tests/test_sequence_models.py)."""
+
+    accepts: ClassVar[frozenset[InputKind]] = frozenset({"sequence"})
+
+    def initial_memory(self, batch_size: int) -> object:
+        ...
+
+    def step(self, x: Tensor, memory: object) -> tuple[Tensor, object]:
+        ...

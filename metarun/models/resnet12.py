@@ -144,6 +144,7 @@ class ResNet12(nn.Module, Backbone):
         dropout: float = _DEFAULTS["dropout"],
         dropblock: float = _DEFAULTS["dropblock"],
         dropblock_size: int = _DEFAULTS["dropblock_size"],
+        dropblock_warmup: int = _DEFAULTS["dropblock_warmup"],
         pool: Literal["flatten", "avg"] = _DEFAULTS["pool"],
         bn: BatchNormMode = _DEFAULTS["bn"],
         bn_momentum: float = _DEFAULTS["bn_momentum"],
@@ -158,6 +159,8 @@ class ResNet12(nn.Module, Backbone):
                 raise ValueError(f"model.{name} must be in [0, 1) (got {rate})")
         if dropblock_size < 1:
             raise ValueError(f"model.dropblock_size must be positive (got {dropblock_size})")
+        if dropblock_warmup < 0:
+            raise ValueError(f"model.dropblock_warmup must be a non-negative number of steps (got {dropblock_warmup})")
         if pool not in POOLS:
             raise ValueError(f"model.pool must be one of {', '.join(POOLS)} (got {pool!r})")
         if bn not in BN_MODES:
@@ -176,6 +179,8 @@ class ResNet12(nn.Module, Backbone):
             in_channels, height, width = out_channels, height // 2, width // 2
         self.blocks = nn.ModuleList(blocks)
         self.bn, self.pool = bn, pool
+        self.dropblock, self.dropblock_warmup = dropblock, dropblock_warmup
+        self.set_progress(0)
         self.out_features = in_channels * (height * width if pool == "flatten" else 1)
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
@@ -183,6 +188,15 @@ class ResNet12(nn.Module, Backbone):
 
     def forward(self, x: Tensor) -> Tensor:
         return self._features(x, None)
+
+    def set_progress(self, step: int) -> None:
+        """DropBlock's rate after `step` training steps: linear from 0 to `dropblock` over `dropblock_warmup`
+        steps (the original's keep probability 1 -> 0.9 over 40,000 forward calls = 20,000 meta-batches), then
+        constant; with warm-up 0, the full rate from the start. Plain dropout is not scheduled (nor there)."""
+        fraction = 1.0 if self.dropblock_warmup == 0 else min(1.0, step / self.dropblock_warmup)
+        for block in self.blocks:
+            if block.drop == "dropblock":
+                block.rate = self.dropblock * fraction
 
     def _features(self, x: Tensor, record: Moments | None) -> Tensor:
         for block in self.blocks:
