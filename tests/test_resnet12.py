@@ -375,3 +375,19 @@ def test_resnet12_on_sine_is_refused_in_one_line(cli_runs: dict[str, object]) ->
     assert error_line(proc) == ("metarun: error: model=resnet12 needs image inputs and benchmark=sine has vector "  # type: ignore[arg-type]
                                 "inputs; use model=mlp or model=transformer")
     assert not (Path(str(cli_runs["refused_dir"])) / "results.json").exists()
+
+
+def test_dropblock_rate_warms_up_with_the_training_progress() -> None:
+    """The original's keep probability falls linearly 1 -> 0.9 over its warm-up; here the rate rises 0 -> 0.1 over
+    `dropblock_warmup` steps, as told by the trainer (Backbone.set_progress), and stays; dropout is not scheduled."""
+    model = ResNet12(TOY.input_shape, channels=TINY, dropout=0.2, dropblock=0.1, dropblock_warmup=100)
+    rates = lambda: [round(b.rate, 6) for b in model.blocks]  # noqa: E731
+    assert rates() == [0.2, 0.2, 0.0, 0.0]  # built at step 0
+    model.set_progress(50)
+    assert rates() == [0.2, 0.2, 0.05, 0.05]
+    model.set_progress(1000)
+    assert rates() == [0.2, 0.2, 0.1, 0.1]
+    fixed = ResNet12(TOY.input_shape, channels=TINY, dropblock=0.1, dropblock_warmup=0)
+    assert [b.rate for b in fixed.blocks][2:] == [0.1, 0.1]
+    with pytest.raises(ValueError, match="model.dropblock_warmup must be a non-negative"):
+        ResNet12(TOY.input_shape, channels=TINY, dropblock_warmup=-1)

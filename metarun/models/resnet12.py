@@ -19,9 +19,9 @@ with probability gamma = rate / b^2 * (h w) / ((h - b + 1)(w - b + 1)) at the po
 fits, each seed zeroes the b x b block it is the top-left corner of, and the kept units are scaled by
 (units / kept units) of the task's batch. Departures: the block is clipped to the feature map (the original's
 b = 5 does not fit the 3x3 and 1x1 maps of 28x28 Omniglot images, and its formula divides by zero there);
-`rate` is fixed, while the original anneals the keep probability 1 -> 0.9 linearly over its first 40,000
-forward calls, which needs the training progress in the backbone, i.e. a trainer hook that metarun does not
-have (configs/model/resnet12.yaml). As we read the original, its counter is a Python attribute of each block,
+the rate warms up from 0 over `dropblock_warmup` training steps (`set_progress`, told by the trainer), where
+the original anneals the keep probability 1 -> 0.9 linearly over its first 40,000 forward calls (20,000
+meta-batches, support and query embedded separately; configs/model/resnet12.yaml). As we read the original, its counter is a Python attribute of each block,
 which torch.nn.DataParallel (used there for miniImageNet and tieredImageNet) increments on throw-away
 replicas, so its DropBlock may have stayed near keep probability 1 on those two benchmarks.
 
