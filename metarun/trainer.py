@@ -155,6 +155,8 @@ class EpisodicTrainer:
                     raise Interrupted(self._signal, self.step, self.ckpt_dir / "last.pt")
             if not self.dist.is_main:
                 return {}
+            if s.steps == 0:  # nothing trained (algo=baseline): the weights as built, for `metarun eval` to score
+                save_checkpoint(self.state(), self.ckpt_dir / "last.pt")
             # from here a signal stops at once: last.pt holds the final step, and resuming re-runs the test
             self.phase = "final test evaluation"
             if self._signal is not None:

@@ -209,15 +209,16 @@ def test_deterministic_under_seed(shape: tuple[int, ...]) -> None:
     assert any(not torch.equal(state[k], state3[k]) for k in state)
 
 
-def test_accepts_vector_and_image_inputs() -> None:
-    assert {"vector", "image"} <= Transformer.accepts
+def test_accepts_vector_image_and_sequence_inputs() -> None:
+    assert {"vector", "image", "sequence"} <= Transformer.accepts
     assert Transformer((1,)).out_features == 64
     assert Transformer((1, 28, 28))(torch.zeros(2, 1, 28, 28)).shape == (2, 64)
     assert Transformer((3, 84, 84), width=32)(torch.zeros(1, 3, 84, 84)).shape == (1, 32)
     with pytest.raises(ValueError, match="must divide"):
         Transformer((1, 28, 28), patch=5)
+    assert Transformer((4, 3))(torch.zeros(2, 4, 3)).shape == (2, 4, 64)  # (L, F): the causal sequence model
     with pytest.raises(ValueError, match="vector"):
-        Transformer((4, 4))
+        Transformer((2, 2, 2, 2))
 
 
 def test_fourier_frequencies_are_a_buffer() -> None:

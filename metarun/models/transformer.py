@@ -1,4 +1,5 @@
-"""Transformer backbone for both input kinds: image patches (ViT) or vector features (FT-Transformer).
+"""Transformer backbone for every input kind: image patches (ViT), vector features (FT-Transformer), and
+sequences (a causal Transformer over a trial's steps, metarun/models/sequence_transformer.py).
 
 Images follow Dosovitskiy et al., "An Image is Worth 16x16 Words: Transformers for Image Recognition
 at Scale", ICLR 2021: non-overlapping patches, a linear patch embedding, learned position embeddings,
@@ -27,19 +28,23 @@ each checked against the per-task float64 reference in tests/test_transformer.py
   explicit path needs no global backend switch (tests/test_transformer.py checks it).
 * The patch embedding is a reshape plus a Linear rather than a strided Conv2d: the same function
   when the patch size divides the image, but a plain matmul under vmap and double backward.
+
+Sequence inputs (L, F) get another model with another contract (SequenceBackbone: per-step outputs and a
+`step` for rollouts), so `Transformer(input_shape=(L, F), ...)` returns a `SequenceTransformer`
+(`_BuildsSequenceModel` below); one `model=transformer` option serves all three kinds.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from metarun.defaults import option_defaults
-from metarun.models.base import Backbone
+from metarun.models.base import Backbone, InputKind
 
 Pool = Literal["cls", "mean"]
 
@@ -156,12 +161,31 @@ class FeatureTokenizer(nn.Module):
         return tokens
 
 
-class Transformer(nn.Module, Backbone):
+class _BuildsSequenceModel:
+    """`Transformer(input_shape=(L, F), ...)` is a SequenceTransformer (width, depth, heads and mlp_ratio; the
+    patch, pool and Fourier options are the other kinds'). Python runs no `__init__` on an object `__new__`
+    returns that is not an instance of the class called, so the sequence model is built once, by its own class.
+    `__new__` lives in this base rather than in Transformer so that inspect.signature(Transformer), which the
+    config's key check and tests/test_defaults.py read, stays Transformer.__init__'s."""
+
+    def __new__(cls, input_shape: Sequence[int] | None = None, *args: object, **kwargs: object):  # type: ignore[no-untyped-def]
+        if input_shape is not None and len(tuple(input_shape)) == 2:
+            from metarun.models.sequence_transformer import SequenceTransformer
+
+            names = ("width", "depth", "heads", "mlp_ratio", "patch", "pool", "fourier_features")
+            options = {**dict(zip(names, args)), **kwargs}
+            return SequenceTransformer(input_shape, **{k: v for k, v in options.items() if k in names[:4]})
+        return super().__new__(cls)
+
+
+class Transformer(_BuildsSequenceModel, nn.Module, Backbone):
     """Tokens (image patches or vector features), `depth` pre-LN blocks, final LayerNorm, pooled to `width`.
 
     `pool="cls"` prepends a learned class token and returns its output (ViT); `pool="mean"` averages
-    the token outputs and has no class token.
+    the token outputs and has no class token. Sequence inputs build a SequenceTransformer (see above).
     """
+
+    accepts: ClassVar[frozenset[InputKind]] = frozenset({"vector", "image", "sequence"})
 
     def __init__(
         self,
@@ -192,7 +216,8 @@ class Transformer(nn.Module, Backbone):
         elif len(shape) == 1:
             self.tokenizer = FeatureTokenizer(shape[0], width, fourier_features)
         else:
-            raise ValueError(f"model=transformer takes vector (D,) or image (C,H,W) inputs (got shape {shape})")
+            raise ValueError(f"model=transformer takes vector (D,), sequence (L,F) or image (C,H,W) inputs "
+                             f"(got shape {shape})")
         self.pool = pool
         # The class token's position is its own parameter, so image position embeddings cover patches only.
         self.cls = nn.Parameter(torch.randn(width) * 0.02) if pool == "cls" else None

@@ -1,0 +1,176 @@
+"""Environment steps per second: metarun's batched tensor environments against the same environment written as a
+Gymnasium `Env` and stepped by `gymnasium.vector.SyncVectorEnv`, in the same process, with the same number of
+parallel episodes (one per task), the same task parameters and random actions.
+
+    python scripts/bench_rl.py                 # bandit and tabular MDP, 1,000 and 10,000 parallel episodes
+    python scripts/bench_rl.py --parallel 1000 --threads 2
+
+Before timing, each pair is checked to give the same distribution: the mean reward of one trial of every task
+under random actions must agree within 4 standard errors. The reference Envs below are written the way a
+Gymnasium user would write them (NumPy, the Env's own np_random; the MDP draws its next state by a precomputed
+CDF rather than the slower `np_random.choice`) and auto-reset in the same step, so no step is wasted. Needs
+the `rl` extra (pip install ".[rl]"). Timing is only meaningful on an idle machine: say so beside the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from metarun.benchmarks.bandit import BanditBenchmark
+from metarun.benchmarks.tabular_mdp import TabularMDPBenchmark
+from metarun.rl.envs import EnvBatch, TrialEnv
+from metarun.rl.gym_env import require_gymnasium
+
+gym = require_gymnasium()
+
+
+class BernoulliBanditGymEnv(gym.Env):
+    """One task's bandit: an episode of Gymnasium is one trial of `pulls` pulls."""
+
+    def __init__(self, probs: np.ndarray, pulls: int) -> None:
+        self.probs, self.pulls = probs, pulls
+        self.observation_space = gym.spaces.Box(0.0, 0.0, (1,), np.float32)
+        self.action_space = gym.spaces.Discrete(len(probs))
+        self._zero = np.zeros(1, np.float32)
+        self._t = 0
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        self._t = 0
+        return self._zero, {}
+
+    def step(self, action: int):
+        reward = float(self.np_random.random() < self.probs[action])
+        self._t += 1
+        return self._zero, reward, self._t >= self.pulls, False, {}
+
+
+class TabularMDPGymEnv(gym.Env):
+    """One task's tabular MDP: an episode of Gymnasium is one trial of `episodes` x `horizon` steps."""
+
+    def __init__(self, transitions: np.ndarray, reward_means: np.ndarray, initial: np.ndarray, horizon: int,
+                 episodes: int) -> None:
+        self.cdf = np.cumsum(transitions, axis=-1)
+        self.initial_cdf = np.cumsum(initial)
+        self.reward_means, self.horizon, self.length = reward_means, horizon, horizon * episodes
+        states, actions = reward_means.shape
+        self.observation_space = gym.spaces.Box(0.0, 1.0, (states,), np.float32)
+        self.action_space = gym.spaces.Discrete(actions)
+        self._eye = np.eye(states, dtype=np.float32)
+        self._t = self._state = 0
+
+    def _draw(self, cdf: np.ndarray) -> int:
+        return min(int(np.searchsorted(cdf, self.np_random.random(), side="right")), len(cdf) - 1)
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        self._t, self._state = 0, self._draw(self.initial_cdf)
+        return self._eye[self._state], {}
+
+    def step(self, action: int):
+        reward = self.reward_means[self._state, action] + self.np_random.normal()
+        self._state = self._draw(self.cdf[self._state, action])
+        self._t += 1
+        if self._t % self.horizon == 0:
+            self._state = self._draw(self.initial_cdf)
+        return self._eye[self._state], float(reward), self._t >= self.length, False, {}
+
+
+def _reference(name: str, batch: EnvBatch) -> list:
+    params = {k: v.numpy().astype(np.float64) for k, v in batch.params.items()}
+    if name == "bandit":
+        return [functools.partial(BernoulliBanditGymEnv, p, 100) for p in params["probs"]]
+    return [functools.partial(TabularMDPGymEnv, *(params[k][i] for k in ("transitions", "reward_means", "initial")),
+                              10, 10) for i in range(batch.num_tasks)]
+
+
+def _ours(env: TrialEnv, steps: int, generator: torch.Generator, collect: bool = False) -> tuple[float, list[float]]:
+    """(seconds, rewards' [sum, sum of squares, count] when `collect`) of `steps` random steps, trials restarted."""
+    length, stats = env.episodes * env.horizon, [0.0, 0.0, 0]
+    started = time.perf_counter()
+    env.reset()
+    for t in range(steps):
+        if t and t % length == 0:
+            env.reset()
+        actions = torch.randint(env.num_actions, (env.num_tasks, env.trials_per_task), generator=generator)
+        _, reward, _ = env.step(actions)
+        if collect:
+            stats = [stats[0] + reward.sum().item(), stats[1] + reward.square().sum().item(), stats[2] + reward.numel()]
+    return time.perf_counter() - started, stats
+
+
+def _theirs(vector, steps: int, rng: np.random.Generator, actions: int,
+            collect: bool = False) -> tuple[float, list[float]]:
+    stats = [0.0, 0.0, 0]
+    started = time.perf_counter()
+    vector.reset(seed=int(rng.integers(2**31)))
+    for _ in range(steps):
+        _, reward, _, _, _ = vector.step(rng.integers(actions, size=vector.num_envs))
+        if collect:
+            stats = [stats[0] + float(reward.sum()), stats[1] + float(np.square(reward).sum()), stats[2] + reward.size]
+    return time.perf_counter() - started, stats
+
+
+def _mean_and_error(stats: list[float]) -> tuple[float, float]:
+    total, squares, count = stats
+    mean = total / count
+    return mean, math.sqrt(max(squares / count - mean**2, 1e-12) / count)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parallel", type=int, nargs="+", default=[1000, 10000], help="parallel episodes")
+    parser.add_argument("--threads", type=int, default=1, help="PyTorch threads (1: fair to single-threaded gym)")
+    parser.add_argument("--seconds", type=float, default=1.0, help="timed seconds per measurement and round")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of each; medians reported")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)
+    benchmarks = {"bandit": BanditBenchmark(arms=5, pulls=100), "tabular_mdp": TabularMDPBenchmark()}
+    rows = []
+    for name, bench in benchmarks.items():
+        for parallel in args.parallel:
+            batch = bench.sample("test", parallel, torch.Generator().manual_seed(0))
+            env = batch.make(1)
+            length = env.episodes * env.horizon
+            vector = gym.vector.SyncVectorEnv(_reference(name, batch),
+                                              autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+            generator, rng = torch.Generator().manual_seed(1), np.random.default_rng(1)
+            # same distribution first: one trial of every task, random actions, mean reward per step
+            _, ours = _ours(env, length, generator, collect=True)
+            _, theirs = _theirs(vector, length, rng, env.num_actions, collect=True)
+            (m1, e1), (m2, e2) = _mean_and_error(ours), _mean_and_error(theirs)
+            if abs(m1 - m2) > 4 * math.hypot(e1, e2):
+                raise SystemExit(f"{name} x {parallel}: mean reward {m1:.4f} (metarun) vs {m2:.4f} (Gymnasium) "
+                                 f"differ by more than 4 standard errors")
+            # timing: rounds of each in turn (the machine's load drifts), each about --seconds; medians
+            steps = length
+            while _ours(env, steps, generator)[0] < args.seconds / 4:
+                steps *= 2
+            their_steps = max(5, int(args.seconds / (_theirs(vector, 5, rng, env.num_actions)[0] / 5)))
+            ours_rates, their_rates = [], []
+            for _ in range(args.rounds):
+                ours_rates.append(parallel * steps / _ours(env, steps, generator)[0])
+                their_rates.append(parallel * their_steps / _theirs(vector, their_steps, rng, env.num_actions)[0])
+            ours_rate, theirs_rate = statistics.median(ours_rates), statistics.median(their_rates)
+            vector.close()
+            rows.append((name, parallel, ours_rate, theirs_rate, m1, m2))
+            print(f"  measured {name} x {parallel}", flush=True)
+    print(f"\nenvironment steps/s (median of {args.rounds} alternating rounds), random actions, torch threads="
+          f"{args.threads}; timing is only meaningful on an idle machine")
+    print(f"{'environment':<12} {'parallel':>9} {'metarun':>14} {'Gymnasium':>14} {'ratio':>8}   "
+          f"mean reward (metarun / Gymnasium)")
+    for name, parallel, ours_rate, theirs_rate, m1, m2 in rows:
+        print(f"{name:<12} {parallel:>9,} {ours_rate:>14,.0f} {theirs_rate:>14,.0f} {ours_rate / theirs_rate:>7.0f}x"
+              f"   {m1:.4f} / {m2:.4f}")
+
+
+if __name__ == "__main__":
+    main()
