@@ -53,7 +53,8 @@ def composed(preset: str) -> OmegaConf:
 
 
 def benchmark_of(preset: str) -> str:
-    return str(composed(preset).benchmark._target_).rsplit(".", 1)[-1].removesuffix("Benchmark").lower()
+    name = str(composed(preset).benchmark._target_).rsplit(".", 1)[-1].removesuffix("Benchmark").lower()
+    return {"tabularmdp": "tabular_mdp"}.get(name, name)
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -67,7 +68,7 @@ def test_preset_composes_and_states_its_command_and_reference(preset: str) -> No
     assert (paper is None) != (reference is None), f"{preset}: needs exactly one of paper: and reference:"
     figure = paper if paper is not None else reference
     assert {"source", "metric", "mean"} <= set(figure) and figure.mean is not None, f"{preset}: {figure}"
-    assert re.fullmatch(r"(accuracy|mse)(@\d+)?", figure.metric), figure.metric
+    assert re.fullmatch(r"(accuracy|mse|return)(@\d+)?", figure.metric), figure.metric
     if preset in WITHOUT_PUBLISHED_FIGURE:
         assert paper is None, f"{preset} has no published figure: its own figure goes under reference:"
     if paper is not None:
@@ -107,6 +108,8 @@ def smoke_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[int,
     work = tmp_path_factory.mktemp("presets")
     data = {
         "sine": [],
+        "bandit": [],  # generated tasks: no data
+        "tabular_mdp": [],
         "omniglot": [f"benchmark.root={omniglot_tree(work / 'omniglot', OMNIGLOT_BACKGROUND, OMNIGLOT_EVALUATION)}",
                      "benchmark.split_scheme=lake", *OMNIGLOT_TINY],
         "miniimagenet": [f"benchmark.root={mini_cache_pickles(work / 'miniimagenet', classes=MINI, per_class=MINI_PER_CLASS)}", *TINY],
