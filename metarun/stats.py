@@ -40,5 +40,6 @@ def mean_ci95(values: Tensor) -> Estimate:
 
 
 def higher_is_better(metric: str) -> bool:
-    """Accuracy-like metrics rise, errors and losses fall; `mse@3` (after 3 steps) is judged as `mse`."""
-    return metric.split("@")[0] not in ("mse", "loss")
+    """Accuracy-like metrics (and RL's return) rise, errors, losses and RL's regret fall; `mse@3` (after 3
+    steps) is judged as `mse`."""
+    return metric.split("@")[0] not in ("mse", "loss", "regret")
