@@ -1,4 +1,4 @@
-"""Second-order MAML: metarun against the per-task autograd loop and `higher`, side by side in one process.
+"""metarun's second-order MAML against the per-task loop and `higher`, its convex heads against qpth: one process.
 
 For each setup, every variant's meta-gradient is first checked against the per-task loop in float64
 (relative error <= 1e-8), so no speed comes from a wrong answer. Then the variants run interleaved
@@ -7,19 +7,28 @@ memory is measured in a fresh subprocess (CPU: growth of peak RSS over the set-u
 For the Conv-4, the meta-iteration's FLOPs (counted by torch's FlopCounterMode) give the achieved GFLOP/s,
 printed against a float32 matmul's measured in the same run: how close to the machine's limit we are.
 
-    python scripts/bench.py                          # sine and Conv-4 on CPU
+    python scripts/bench.py                          # sine, Conv-4 and the convex heads on CPU
     python scripts/bench.py --setup conv4 --device cuda
+    python scripts/bench.py --setup convex --convex-setup mini-5w1s mini-5w5s
     pip install ".[bench]"                           # adds `higher` (0.2.1) as a comparison; optional
+    pip install qpth                                 # the convex heads' comparison (optional; needs numpy<2)
 
 Setups: `sine` (MLP 40-40, meta-batch 25, K=10, 1 inner step, Finn et al.'s sine protocol) and `conv4`
 (Omniglot 5-way 1-shot, 15 queries, meta-batch 32, Conv-4 with strided convolutions, 64 filters,
 transductive BatchNorm, 1 inner step at lr 0.4: the MAML paper's Omniglot network). The Conv-4 runs on
 random 28x28 images (the work does not depend on the pixels) unless --omniglot-root points at the data.
+
+`convex` is scripts/bench_convex.py's measurement, its functions imported (one implementation): per setup, the
+float32 forward and backward pass of the SVM head with metarun's solver (the one algo=metaoptnet uses) against
+qpth (MetaOptNet's) on the same batch of tasks' features, and of the ridge heads (MetaOptNet-RR, R2-D2), every
+gradient checked in float64 first (finite differences; qpth against metarun), in episodes/s. Without qpth its row
+says so and the rest runs. bench_convex.py has more setups and cvxpylayers.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import resource
 import statistics
@@ -28,6 +37,8 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
 
 import torch
 from rich.console import Console
@@ -47,6 +58,22 @@ OMNIGLOT_5W1S = TaskSpec(name="omniglot", kind="classification", input_shape=(1,
                          ways=5, shots=1, queries=15)
 GRADIENT_TOLERANCE = 1e-8
 Step = Callable[[MAML, TaskBatch], None]  # one meta-gradient: accumulates into the parameters' .grad
+# the convex heads' setups timed here (bench_convex.SETUPS): MetaOptNet's miniImageNet test episodes (Conv-4
+# features) and its training episodes (5-way 15-shot, ResNet-12's 16000-d features), where qpth is compared
+CONVEX_SETUPS = ["mini-5w1s", "mini-5w5s", "mini-train-5w15s"]
+
+
+def convex_module() -> ModuleType:
+    """scripts/bench_convex.py, imported from beside this file (scripts/ is no package; a test loads this file by
+    path): its heads, checks and timing are the convex table's, not a copy."""
+    name = "bench_convex"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().with_name("bench_convex.py"))
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # its dataclasses look their module up there
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
 # -- the setups ------------------------------------------------------------------------------------------------
@@ -343,9 +370,22 @@ def run_setup(setup: Setup, device: torch.device, args: argparse.Namespace, cons
                       f"float32 matmul 2048^3 peak here: {peak:.1f} GFLOP/s")
 
 
+def convex_table(names: list[str], device: torch.device, args: argparse.Namespace, console: Console) -> None:
+    """The convex heads, one table per bench_convex setup (args: rounds, seconds, qpth_max_variables)."""
+    convex = convex_module()
+    console.print(f"convex heads: {convex.versions()}")
+    for name in names:
+        convex.run_setup(convex.SETUPS[name], device, args, console)
+
+
 def main() -> None:
+    convex = convex_module()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--setup", nargs="+", choices=sorted(SETUPS), default=["sine", "conv4"])
+    parser.add_argument("--setup", nargs="+", choices=[*sorted(SETUPS), "convex"], default=["sine", "conv4", "convex"])
+    parser.add_argument("--convex-setup", nargs="+", choices=sorted(convex.SETUPS), default=CONVEX_SETUPS,
+                        help="the convex heads' setups (scripts/bench_convex.py has them all)")
+    parser.add_argument("--qpth-max-variables", type=int, default=convex.QPTH_MAX_VARIABLES,
+                        help="convex: skip qpth above this many dual variables per task")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
     parser.add_argument("--rounds", type=int, default=3)
@@ -359,9 +399,12 @@ def main() -> None:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device visible to torch")
-    console = Console(width=max(140, Console().width))  # the tables stay whole in a log file
+    console = Console(width=max(200, Console().width))  # the tables stay whole in a log file (qpth's row is wide)
     for name in args.setup:
-        run_setup(SETUPS[name](args), device, args, console)
+        if name == "convex":
+            convex_table(args.convex_setup, device, args, console)
+        else:
+            run_setup(SETUPS[name](args), device, args, console)
 
 
 if __name__ == "__main__":

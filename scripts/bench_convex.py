@@ -13,6 +13,8 @@ Medians of episodes/s (tasks per second). A solver that raises is reported with 
     python scripts/bench_convex.py --device cuda --setup omniglot-20w5s
     pip install qpth cvxpylayers                          # the comparisons (optional; qpth needs cvxpy, numpy<2)
 
+scripts/bench.py runs the same measurement (these functions, imported) on a few setups beside its MAML tables.
+
 qpth (0.0.18) is what MetaOptNet used: a batched primal-dual interior-point method (the same Mehrotra
 predictor-corrector) on the dense (nN x nN) block kernel K (x) I_N with the code's "+ 1.0 I"; metarun's solver
 (metarun/algorithms/convex.py) works on the n x n blocks instead. Both take the same K, labels, C = 0.1.
@@ -44,6 +46,8 @@ COMPARISON_TOLERANCE = 1e-3  # another solver's gradient against metarun's: time
 C, RIDGE, TRAIN_ITERATIONS, TEST_ITERATIONS = 0.1, 1.0, 15, 3
 Head = Callable[[Tensor, Tensor, Tensor], Tensor]  # (support [T, n, d], onehot [T, n, N], query) -> scores
 QPTH_WARNINGS: dict[int, int] = {}  # maxIter -> calls after which qpth printed "Returning an inaccurate ... solution"
+QPTH_MAX_VARIABLES = 500  # qpth is skipped above this many dual variables per task: its dense KKT grows as (nN)^3
+QPTH_MISSING = "qpth not installed: pip install qpth in the benchmark's environment"  # its row, when absent
 
 
 @dataclass
@@ -239,6 +243,7 @@ def run_setup(setup: Setup, device: torch.device, args: argparse.Namespace, cons
     test_variants: dict[str, Head] = {f"metarun SVM ({TEST_ITERATIONS} it)": metarun_svm(TEST_ITERATIONS)}
     notes: dict[str, str] = {}
     checks: dict[str, str] = {}
+    absent: dict[str, str] = {}  # a comparison that could not run here: a row of its own, saying why
     try:
         import qpth  # noqa: F401
 
@@ -248,7 +253,7 @@ def run_setup(setup: Setup, device: torch.device, args: argparse.Namespace, cons
         else:
             notes["qpth"] = f"not run: {setup.variables} variables > --qpth-max-variables {args.qpth_max_variables}"
     except ImportError:
-        notes["qpth"] = "not installed (pip install qpth)"
+        absent[f"qpth SVM (maxIter {TRAIN_ITERATIONS})"] = QPTH_MISSING
     try:
         import cvxpylayers  # noqa: F401
 
@@ -311,6 +316,8 @@ def run_setup(setup: Setup, device: torch.device, args: argparse.Namespace, cons
         speed = f"{medians[name] / medians[base]:.2f}x" if base in medians and not name.startswith("test") else ""
         table.add_row(name, f"{medians[name]:.3g}", speed, checks.get(name.removeprefix("test: "), ""),
                       f"{agreement[name]:.1%}" if name in agreement else "")
+    for name, reason in absent.items():
+        table.add_row(name, reason, "", "", "")
     console.print(table)
     for iterations, count in sorted(QPTH_WARNINGS.items()):
         if count:
@@ -321,21 +328,8 @@ def run_setup(setup: Setup, device: torch.device, args: argparse.Namespace, cons
         console.print(f"  {name}: {note}" + (f" ({checks[name]})" if name in checks else ""))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--setup", nargs="+", choices=sorted(SETUPS), default=list(SETUPS))
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--seconds", type=float, default=2.0, help="per variant per round (at least 2 calls)")
-    parser.add_argument("--qpth-max-variables", type=int, default=500,
-                        help="skip qpth above this many dual variables per task (its dense KKT grows as (nN)^3)")
-    args = parser.parse_args()
-    configure_runtime(args.threads)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device visible to torch")
-    console = Console(width=max(160, Console().width))
+def versions() -> str:
+    """torch's and the comparisons' versions (or their absence): which solver a figure belongs to."""
     from importlib.metadata import PackageNotFoundError, version
 
     found = []
@@ -344,7 +338,25 @@ def main() -> None:
             found.append(f"{package} {version(package)}")
         except PackageNotFoundError:
             found.append(f"{package} not installed")
-    console.print(f"torch {torch.__version__}, {', '.join(found)}")
+    return f"torch {torch.__version__}, {', '.join(found)}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--setup", nargs="+", choices=sorted(SETUPS), default=list(SETUPS))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=2.0, help="per variant per round (at least 2 calls)")
+    parser.add_argument("--qpth-max-variables", type=int, default=QPTH_MAX_VARIABLES,
+                        help="skip qpth above this many dual variables per task (its dense KKT grows as (nN)^3)")
+    args = parser.parse_args()
+    configure_runtime(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device visible to torch")
+    console = Console(width=max(200, Console().width))  # whole rows, even qpth's "not installed" one
+    console.print(versions())
     for name in args.setup:
         run_setup(SETUPS[name], device, args, console)
 

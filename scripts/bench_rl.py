@@ -1,15 +1,22 @@
 """Environment steps per second: metarun's batched tensor environments against the same environment written as a
 Gymnasium `Env` and stepped by `gymnasium.vector.SyncVectorEnv`, in the same process, with the same number of
-parallel episodes (one per task), the same task parameters and random actions.
+parallel episodes (one per task), the same task parameters and random actions; then RL^2's training rate.
 
-    python scripts/bench_rl.py                 # bandit and tabular MDP, 1,000 and 10,000 parallel episodes
+    python scripts/bench_rl.py                 # bandit and tabular MDP, 1,000 and 10,000 parallel episodes; RL^2
     python scripts/bench_rl.py --parallel 1000 --threads 2
+    python scripts/bench_rl.py --tables train --train-steps 5
 
 Before timing, each pair is checked to give the same distribution: the mean reward of one trial of every task
 under random actions must agree within 4 standard errors. The reference Envs below are written the way a
 Gymnasium user would write them (NumPy, the Env's own np_random; the MDP draws its next state by a precomputed
 CDF rather than the slower `np_random.choice`) and auto-reset in the same step, so no step is wasted. Needs
 the `rl` extra (pip install ".[rl]"). Timing is only meaningful on an idle machine: say so beside the figures.
+
+The second table is what a user waits for: environment steps per second of RL^2's whole training loop (the
+trainer's own `fit`: task sampling, the rollout, PPO's minibatch updates, clipping, logging), model=gru and
+model=transformer on bandits n=10 and n=100 (k=5), every other value the YAML default (250 trials a step, GRU 256,
+Transformer 64 x 2). One warm-up step, then `--train-steps` steps timed between the trainer's train log lines, so
+validation, checkpoints and the final test are not counted (the loop is stopped after the last timed step).
 """
 
 from __future__ import annotations
@@ -18,7 +25,10 @@ import argparse
 import functools
 import math
 import statistics
+import tempfile
 import time
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,6 +37,7 @@ from metarun.benchmarks.bandit import BanditBenchmark
 from metarun.benchmarks.tabular_mdp import TabularMDPBenchmark
 from metarun.rl.envs import EnvBatch, TrialEnv
 from metarun.rl.gym_env import require_gymnasium
+from metarun.trainer import EpisodicTrainer
 
 gym = require_gymnasium()
 
@@ -124,15 +135,86 @@ def _mean_and_error(stats: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(max(squares / count - mean**2, 1e-12) / count)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parallel", type=int, nargs="+", default=[1000, 10000], help="parallel episodes")
-    parser.add_argument("--threads", type=int, default=1, help="PyTorch threads (1: fair to single-threaded gym)")
-    parser.add_argument("--seconds", type=float, default=1.0, help="timed seconds per measurement and round")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of each; medians reported")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)
+class _StopTiming(Exception):
+    """Raised by _StepClock after the last timed step: the trainer's final validation and test are not timed."""
+
+
+class _StepClock:
+    """A MetricLogger that notes the time of each train log line (log_every=1: one per step, written right after
+    the step's last optimizer update) and stops the loop after `last_step`."""
+
+    def __init__(self, last_step: int) -> None:
+        self.last_step = last_step
+        self.times: dict[int, float] = {}
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if any(k.startswith("train/") for k in metrics):
+            self.times[step] = time.perf_counter()
+            if step >= self.last_step:
+                raise _StopTiming
+
+    def log_images(self, images: dict[str, Any], step: int) -> None:
+        pass
+
+    def log_hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _rl2_trainer(overrides: list[str], clock: _StepClock, run_dir: Path, device: str) -> EpisodicTrainer:
+    """The trainer `metarun train algo=rl2 ...` builds (config composed by Hydra from the same YAML tree, objects
+    built by run.build), with the step clock as its only logger."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from metarun import config as config_mod
+    from metarun.config import TrainerSettings, config_dir
+    from metarun.run import algorithm_generator, build, build_optimizer
+    from metarun.runtime import auto_task_chunk
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = config_mod.validate(compose(config_name="train", overrides=overrides))
+    GlobalHydra.instance().clear()
+    torch.manual_seed(cfg.seed)
+    generator = algorithm_generator(int(cfg.seed))
+    names = {"algo": "rl2", "model": str(cfg.model._target_).rsplit(".", 1)[-1].lower(), "benchmark": "bandit"}
+    benchmark, algorithm = build(cfg, names, generator)
+    algorithm.to(device)  # type: ignore[attr-defined]
+    benchmark.to(device)
+    optimizer = build_optimizer(instantiate(cfg.trainer.optimizer), algorithm)
+    settings = TrainerSettings(**{k: cfg.trainer[k] for k in TrainerSettings.__dataclass_fields__})
+    if settings.task_chunk is None:
+        settings.task_chunk = auto_task_chunk(torch.device(device), benchmark.spec.is_image)
+    return EpisodicTrainer(algorithm, benchmark, optimizer, None, settings, clock, run_dir, torch.device(device),
+                           int(cfg.seed), OmegaConf.to_yaml(cfg), algorithm_generator=generator)
+
+
+def train_rate(model: str, pulls: int, arms: int, steps: int, device: str) -> tuple[float, float, int]:
+    """(environment steps/s, seconds per training step, environment steps per training step) of RL^2 training
+    at the YAML defaults, over `steps` steps after one warm-up step."""
+    clock = _StepClock(last_step=1 + steps)
+    overrides = ["algo=rl2", f"model={model}", "benchmark=bandit", f"benchmark.pulls={pulls}",
+                 f"benchmark.arms={arms}", f"trainer.steps={steps + 2}", "trainer.log_every=1",
+                 "trainer.eval_every=1000000", "trainer.checkpoint_every=1000000"]
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainer = _rl2_trainer(overrides, clock, Path(run_dir), device)
+        try:
+            trainer.fit()
+        except _StopTiming:
+            pass
+    seconds = (clock.times[1 + steps] - clock.times[1]) / steps
+    trials = trainer.s.meta_batch_size * trainer.algorithm.trials_per_task  # type: ignore[attr-defined]
+    env_steps = trials * trainer.benchmark.spec.trial_length
+    return env_steps / seconds, seconds, env_steps
+
+
+def environment_table(args: argparse.Namespace) -> None:
+    """metarun's environments against Gymnasium's SyncVectorEnv, the same tasks and random actions."""
     benchmarks = {"bandit": BanditBenchmark(arms=5, pulls=100), "tabular_mdp": TabularMDPBenchmark()}
     rows = []
     for name, bench in benchmarks.items():
@@ -170,6 +252,40 @@ def main() -> None:
     for name, parallel, ours_rate, theirs_rate, m1, m2 in rows:
         print(f"{name:<12} {parallel:>9,} {ours_rate:>14,.0f} {theirs_rate:>14,.0f} {ours_rate / theirs_rate:>7.0f}x"
               f"   {m1:.4f} / {m2:.4f}")
+
+
+def training_table(args: argparse.Namespace) -> None:
+    """RL^2's training rate, whole loop, at the YAML defaults."""
+    rows = []
+    for model in ("gru", "transformer"):
+        for pulls, arms in ((10, 5), (100, 5)):
+            rows.append((model, pulls, arms, *train_rate(model, pulls, arms, args.train_steps, args.device)))
+            print(f"  measured rl2 {model} bandit n={pulls} k={arms}", flush=True)
+    print(f"\nRL^2 training, environment steps/s of the whole loop (sampling, rollout, PPO updates), YAML defaults "
+          f"(configs/algo/rl2.yaml), mean of {args.train_steps} steps after one warm-up step, torch threads="
+          f"{args.threads}, device={args.device}; timing is only meaningful on an idle machine")
+    print(f"{'model':<12} {'benchmark':<16} {'env steps/step':>14} {'s/step':>8} {'env steps/s':>12}")
+    for model, pulls, arms, rate, seconds, env_steps in rows:
+        print(f"{model:<12} {f'bandit n={pulls} k={arms}':<16} {env_steps:>14,} {seconds:>8.2f} {rate:>12,.0f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parallel", type=int, nargs="+", default=[1000, 10000], help="parallel episodes")
+    parser.add_argument("--threads", type=int, default=1, help="PyTorch threads (1: fair to single-threaded gym)")
+    parser.add_argument("--seconds", type=float, default=1.0, help="timed seconds per measurement and round")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of each; medians reported")
+    parser.add_argument("--tables", nargs="+", choices=("env", "train"), default=["env", "train"],
+                        help="env: environments against Gymnasium; train: RL^2's training rate")
+    parser.add_argument("--train-steps", type=int, default=3, help="timed RL^2 training steps (after one warm-up)")
+    parser.add_argument("--device", default="cpu", help="device of the RL^2 training table")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)
+    if "env" in args.tables:
+        environment_table(args)
+    if "train" in args.tables:
+        training_table(args)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,19 @@
 """scripts/bench.py refuses to time variants that compute different meta-gradients: its float64 check must
-pass for every variant it would time (metarun's chunkings, the textbook torch.func form, higher if installed)."""
+pass for every variant it would time (metarun's chunkings, the textbook torch.func form, higher if installed).
+Its convex-head table is scripts/bench_convex.py's, imported, and runs without qpth (saying so in qpth's row)."""
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import io
 import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 import torch
+from rich.console import Console
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,3 +50,31 @@ def test_a_wrong_variant_is_caught() -> None:
 
     errors = bench.gradient_errors(chosen, {"wrong": first_order}, torch.device("cpu"))
     assert errors["wrong"] > 1e-4
+
+
+def test_the_convex_table_is_bench_convex_imported() -> None:
+    """One implementation: bench.py's convex heads are bench_convex's functions, and its setups exist there."""
+    bench = load_bench()
+    convex = bench.convex_module()
+    assert convex.__file__ == str(ROOT / "scripts" / "bench_convex.py")
+    assert set(bench.CONVEX_SETUPS) <= set(convex.SETUPS)
+    assert not any(hasattr(bench, name) for name in ("run_setup_convex", "qpth_svm", "metarun_svm", "r2d2_ridge"))
+
+
+def test_the_convex_table_runs_without_qpth(monkeypatch: pytest.MonkeyPatch) -> None:
+    """qpth absent (import refused here, whether or not it is installed): its row names the fix, the SVM and
+    ridge heads are still checked and timed."""
+    bench = load_bench()
+    for name in ("qpth", "qpth.qp", "cvxpylayers"):
+        monkeypatch.setitem(sys.modules, name, None)  # `import qpth` raises ImportError
+    out = io.StringIO()
+    console = Console(file=out, width=400)
+    args = argparse.Namespace(rounds=1, seconds=0.01, qpth_max_variables=500)
+    bench.convex_table(["omniglot-5w1s"], torch.device("cpu"), args, console)
+    rows = {line.split("│")[1].strip(): line for line in out.getvalue().splitlines() if line.count("│") > 2}
+    qpth = [row for name, row in rows.items() if name.startswith("qpth SVM")]
+    assert len(qpth) == 1 and "qpth not installed: pip install qpth in the benchmark's environment" in qpth[0]
+    for name in ("metarun SVM (15 it)", "metarun ridge (MetaOptNet-RR)", "metarun ridge (R2-D2)",
+                 "test: metarun SVM (3 it)"):
+        assert name in rows, out.getvalue()
+    assert "FD " in rows["metarun SVM (15 it)"], "the gradient is checked before it is timed"
