@@ -98,3 +98,16 @@ def test_a_supervised_learner_on_an_rl_benchmark_is_one_line_exit_2(tmp_path: Pa
     assert proc.returncode == 2
     assert error_line(proc) == ("metarun: error: algo=protonet supports only classification and benchmark=bandit is "
                                 "reinforcement; use algo=rl2 (or algo=baseline for the bandit/MDP baselines)")
+
+
+@pytest.mark.parametrize("algo", ["rl2", "baseline"])
+def test_a_discrete_learner_on_continuous_actions_is_one_line(algo: str) -> None:
+    """2D navigation's actions are real numbers: RL^2's categorical policy and the baselines cannot act there."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT), version_base="1.3"):
+        cfg = validate(compose(config_name="train", overrides=[f"algo={algo}", "model=gru",
+                                                               "benchmark=navigation2d"]))
+    GlobalHydra.instance().clear()
+    with pytest.raises(UserInputError, match=rf"^algo={algo} acts in discrete action spaces and "
+                                             r"benchmark=navigation2d has continuous actions"):
+        build(cfg, {"algo": algo, "model": "gru", "benchmark": "navigation2d"})

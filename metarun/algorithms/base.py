@@ -28,6 +28,8 @@ class MetaAlgorithm(Protocol):
     # True: the constructor takes `generator`, the run's seeded generator for the algorithm's own random
     # draws (label permutations, data order), whose state the trainer saves in every checkpoint
     draws_randomness: ClassVar[bool] = False
+    # reinforcement: whether it acts in continuous action spaces (run.py refuses the mismatch in one line)
+    continuous_actions: ClassVar[bool] = False
     # the feature extractor; the trainer updates its running statistics once per step (Backbone protocol)
     backbone: Backbone
 
@@ -109,9 +111,15 @@ def batch_metrics(spec: TaskSpec, losses: Tensor, metric: Tensor) -> dict[str, T
 def incompatibility(algorithm: type[MetaAlgorithm], spec: TaskSpec, algo_name: str, bench_name: str) -> str | None:
     """A one-line reason why `algorithm` cannot run on this benchmark, or None when it can."""
     if spec.kind in algorithm.supports:
+        if spec.continuous_actions and not algorithm.continuous_actions:
+            return (f"algo={algo_name} acts in discrete action spaces and benchmark={bench_name} has continuous "
+                    f"actions; no algorithm acts in continuous action spaces yet (MAML for RL will: use a discrete "
+                    f"benchmark, e.g. benchmark=bandit or benchmark=tabular_mdp)")
         return None
     # a supervised learner on an RL benchmark needs an RL learner, whatever its own alternatives are
-    instead = "algo=rl2 (or algo=baseline for the bandit/MDP baselines)" if spec.kind == "reinforcement" \
-        else algorithm.alternatives
+    instead = algorithm.alternatives
+    if spec.kind == "reinforcement":
+        instead = ("a discrete benchmark (no algorithm acts in continuous action spaces yet; MAML for RL will)"
+                   if spec.continuous_actions else "algo=rl2 (or algo=baseline for the bandit/MDP baselines)")
     return (f"algo={algo_name} supports only {'/'.join(sorted(algorithm.supports))} and benchmark={bench_name} "
             f"is {spec.kind}; use {instead}")

@@ -35,6 +35,8 @@ class TaskSpec:
     # reinforcement: a trial is `episodes` episodes of `horizon` steps (metarun/rl/envs.py); 0 otherwise
     horizon: int = 0
     episodes: int = 0
+    # reinforcement: actions are `output_size` real numbers (2D navigation) instead of one of `output_size`
+    continuous_actions: bool = False
 
     @property
     def metric(self) -> str:
