@@ -6,9 +6,11 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 
 def metarun_command() -> list[str]:
@@ -26,6 +28,16 @@ def run_metarun(*args: str, cwd: Path | None = None, timeout: float = 300, env: 
 
 def read_results(run_dir: Path) -> dict:
     return json.loads((run_dir / "results.json").read_text())
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Tiny tensors: one intra-op thread (a second only adds synchronisation, and on the shared 2-core machine
+    PyTorch's threads spin against other jobs'). Opted into per file: `pytestmark = usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

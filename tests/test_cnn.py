@@ -5,7 +5,6 @@ pinned, and shown not to reach metarun's formulation; shapes; inductive running 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -25,13 +24,7 @@ from metarun.run import build
 from tests.maml_reference import assert_close_gradients, batched_meta_gradient, naive_maml_meta_gradient
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny float64 problems: a second intra-op thread only adds synchronisation on the busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # 16x16 is the smallest image four 2x2 max-pools accept; strided, it goes 8, 4, 2, 1.

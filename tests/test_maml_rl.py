@@ -23,13 +23,7 @@ from metarun.rl.policy_gradient import (GaussianPolicy, PolicyGradientBatch, adv
 from metarun.rl.rollout import StepInput
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread (on a shared 2-core machine, PyTorch's threads spin against other jobs')."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _batch(goals: list[list[float]], *, horizon: int, episodes: int = 1, goal_tolerance: float = 0.01,

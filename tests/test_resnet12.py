@@ -6,7 +6,6 @@ statistics; the command line trains it on Omniglot and refuses it on sine in one
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,13 +27,7 @@ from tests.image_fixtures import BACKGROUND, EVALUATION, error_line, finish, omn
 from tests.maml_reference import assert_close_gradients, batched_meta_gradient, naive_maml_meta_gradient
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny float64 problems: a second intra-op thread only adds synchronisation on the busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # 16x16 is the smallest image four 2x2 max-pools accept: 16 -> 8 -> 4 -> 2 -> 1.

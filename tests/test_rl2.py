@@ -7,7 +7,6 @@ the configs' bad inputs go through run.build on benchmark=bandit."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -24,12 +23,7 @@ from metarun.rl.noise import TaskNoise
 from metarun.rl.ppo import gae, ppo_loss
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 class TinyBandit:

@@ -29,13 +29,7 @@ from metarun.rl.rollout import StepInput, rollout
 from metarun.rl.tabular_mdp import make_tabular_mdp
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread (on a shared 2-core machine, PyTorch's threads spin against other jobs')."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _bandit(probs: list[list[float]], pulls: int, seed: int = 0) -> EnvBatch:

@@ -22,13 +22,7 @@ from metarun.rl.tabular_mdp import (REWARD_NOISE_STD, alias_tables, make_tabular
                                     standard_normal)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread (on a shared 2-core machine, PyTorch's threads spin against other jobs')."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _mdp_batch(transitions: list, rewards: list, initial: list, horizon: int, episodes: int,

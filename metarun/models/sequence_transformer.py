@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from metarun.defaults import option_defaults
 from metarun.models.base import SequenceBackbone
-from metarun.models.transformer import LayerNorm
+from metarun.models.transformer import Block, LayerNorm, SelfAttention
 
 _DEFAULTS = option_defaults("model", "transformer")  # one model=transformer option serves both classes
 
@@ -43,14 +43,9 @@ class KVCache:
     length: int
 
 
-class CausalSelfAttention(nn.Module):
-    """Multi-head self-attention in which token t attends to tokens 0..t."""
-
-    def __init__(self, width: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
+class CausalSelfAttention(SelfAttention):
+    """The supervised Transformer's multi-head self-attention (same projections), in which token t attends to
+    tokens 0..t, through SDPA (nothing differentiates it twice), and one step at a time over a key/value cache."""
 
     def _split(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """[B, L, width] -> q, k, v [B, heads, L, head_dim]."""
@@ -73,20 +68,14 @@ class CausalSelfAttention(nn.Module):
         return self._merge(F.scaled_dot_product_attention(q, keys[:, :, : t + 1], values[:, :, : t + 1]))
 
 
-class CausalBlock(nn.Module):
-    """Pre-LayerNorm block as the supervised Transformer's: x + Attn(LN(x)), then x + MLP(LN(x)), GELU."""
+class CausalBlock(Block):
+    """The supervised Transformer's pre-LayerNorm block (x + Attn(LN(x)), then x + MLP(LN(x)), GELU) with causal
+    attention, and its one-step form over a key/value cache."""
+
+    attn: CausalSelfAttention
 
     def __init__(self, width: int, heads: int, mlp_ratio: float) -> None:
-        super().__init__()
-        hidden = max(1, round(width * mlp_ratio))
-        self.norm1 = LayerNorm(width)
-        self.attn = CausalSelfAttention(width, heads)
-        self.norm2 = LayerNorm(width)
-        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        super().__init__(width, heads, mlp_ratio, attention=CausalSelfAttention)
 
     def step(self, x: Tensor, keys: Tensor, values: Tensor, t: int) -> Tensor:
         x = x + self.attn.step(self.norm1(x), keys, values, t)

@@ -89,11 +89,11 @@ class LayerNorm(nn.Module):
 class Block(nn.Module):
     """Pre-LayerNorm transformer block: x + Attn(LN(x)), then x + MLP(LN(x)) with GELU."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float) -> None:
+    def __init__(self, width: int, heads: int, mlp_ratio: float, attention: type[nn.Module] | None = None) -> None:
         super().__init__()
         hidden = max(1, round(width * mlp_ratio))
         self.norm1 = LayerNorm(width)
-        self.attn = SelfAttention(width, heads)
+        self.attn = (attention or SelfAttention)(width, heads)
         self.norm2 = LayerNorm(width)
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
 
