@@ -147,3 +147,51 @@ def pillow_curve_plot(
     for row, (label, color) in enumerate(legend):
         draw.text((margin + 4, margin + 12 * row), label, fill=color)
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+
+
+def path_plot(
+    paths: dict[str, tuple[np.ndarray, Color]],
+    goal: np.ndarray,
+    title: str = "",
+    limit: float = 0.6,
+    size: tuple[int, int] = (300, 300),
+) -> torch.Tensor:
+    """2-D paths (`paths`: label -> ([L, 2] positions, NaN where the path has ended; colour)) from the origin
+    and a goal, on the square [-limit, limit]^2 (MAML for RL's navigation figure, Finn et al. 2017 Fig. 4):
+    uint8 [3, H, W], matplotlib when installed, else a `size` Pillow raster with a coloured legend."""
+
+    def draw(figure: Figure) -> None:
+        ax = figure.add_subplot()
+        for label, (xy, color) in paths.items():
+            ax.plot(xy[:, 0], xy[:, 1], color=_rgb(color), linewidth=2, label=label)
+        ax.scatter([0.0], [0.0], color="0.3", s=30, marker="o", label="start", zorder=3)
+        ax.scatter([goal[0]], [goal[1]], color=_rgb((220, 40, 40)), s=120, marker="*", label="goal", zorder=3)
+        ax.set_xlim(-limit, limit)
+        ax.set_ylim(-limit, limit)
+        ax.set_aspect("equal")
+        ax.grid(True, color="0.92")
+        if title:
+            ax.set_title(title)
+        figure.legend(loc="outside right upper", frameon=False)
+
+    picture = render(draw, figsize=(6.4, 4.4))
+    if picture is not None:
+        return picture
+    width, height = size
+    image = Image.new("RGB", size, (255, 255, 255))
+    canvas = ImageDraw.Draw(image)
+
+    def to_pixel(xy: np.ndarray) -> list[tuple[float, float]]:
+        u = (xy[:, 0] + limit) / (2 * limit) * width
+        v = height - (xy[:, 1] + limit) / (2 * limit) * height
+        return list(zip(u.tolist(), v.tolist()))
+
+    for label, (xy, color) in paths.items():
+        points = to_pixel(xy[np.isfinite(xy).all(-1)])
+        if len(points) > 1:
+            canvas.line(points, fill=color, width=2)
+    gu, gv = to_pixel(np.asarray(goal, dtype=np.float64).reshape(1, 2))[0]
+    canvas.ellipse((gu - 4, gv - 4, gu + 4, gv + 4), fill=(220, 40, 40))
+    for row, (label, (_, color)) in enumerate(paths.items()):
+        canvas.text((6, 6 + 12 * row), label, fill=color)
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()

@@ -19,7 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from metarun import config as config_mod
 from metarun.algorithms.base import MetaAlgorithm, incompatibility
-from metarun.benchmarks.base import Benchmark
+from metarun.rl.trpo import TrustRegionOptimizer
+from metarun.benchmarks.base import Benchmark, TaskSpec
 from metarun.checkpoint import checkpoint_run_dir, load_checkpoint, run_overrides
 from metarun.config import TrainerSettings
 from metarun.console import console, print_config, print_results
@@ -204,6 +205,18 @@ def build_optimizer(make: Callable[..., torch.optim.Optimizer], algorithm: MetaA
     return optimizer
 
 
+def _check_trust_region(optimizer: torch.optim.Optimizer, algorithm: MetaAlgorithm, spec: TaskSpec,
+                        names: dict[str, str]) -> None:
+    """TRPO needs a policy with trust-region terms (MetaAlgorithm.trust_region_terms): one line otherwise."""
+    if not isinstance(optimizer, TrustRegionOptimizer):
+        return
+    if not algorithm.trust_region or spec.kind != "reinforcement":
+        raise UserInputError(f"trainer/optimizer=trpo steps a policy within a KL trust region: it needs an RL "
+                             f"benchmark and an algorithm with trust-region terms (algo=maml on benchmark=navigation2d); "
+                             f"got algo={names['algo']} on benchmark={names['benchmark']} ({spec.kind}); use the "
+                             f"default trainer/optimizer=adam")
+
+
 def train(cfg: DictConfig) -> float:
     """Train one run; returns the best validation metric (what a sweeper optimises)."""
     cfg = config_mod.validate(cfg)
@@ -216,6 +229,7 @@ def train(cfg: DictConfig) -> float:
     _to_device(benchmark, algorithm, device)
     # optimizer and scheduler configs are partials (_partial_: true): they need runtime objects
     optimizer = build_optimizer(_instantiate(cfg.trainer.optimizer, "trainer.optimizer"), algorithm)
+    _check_trust_region(optimizer, algorithm, benchmark.spec, names)
     scheduler = (_instantiate(cfg.trainer.scheduler, "trainer.scheduler")(optimizer)
                  if cfg.trainer.scheduler is not None else None)
     run_dir = _run_dir()

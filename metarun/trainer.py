@@ -6,6 +6,7 @@ fixed pool, checkpoint; at the end, score the best checkpoint on the fixed test 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import signal
@@ -23,6 +24,7 @@ from metarun.episodes import Batch
 from metarun.errors import UserInputError
 from metarun.evaluation import evaluate_pool
 from metarun.loggers import MetricLogger
+from metarun.rl.trpo import TrustRegionOptimizer
 from metarun.stats import Estimate
 
 
@@ -184,7 +186,11 @@ class EpisodicTrainer:
             if not norms:
                 # normalisation statistics (model.bn=inductive) move once per step, from the step's tasks
                 self.algorithm.backbone.update_running_stats(*batch.normalisation_inputs())
-            self.optimizer.step()
+            if isinstance(self.optimizer, TrustRegionOptimizer):  # TRPO re-evaluates the objective (rl/trpo.py)
+                self.optimizer.step(functools.partial(self.algorithm.trust_region_terms, part),
+                                    functools.partial(self.algorithm.fisher_vector_product, part))
+            else:
+                self.optimizer.step()
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0) + self.dist.mean(value)
             norms.append(grad_norm)

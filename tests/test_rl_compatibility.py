@@ -27,9 +27,10 @@ from tests.image_fixtures import error_line
 ROOT = config_dir()
 ALGOS = sorted(p.stem for p in (ROOT / "algo").glob("*.yaml"))
 MODELS = ("mlp", "cnn", "transformer", "gru")
-RL_BENCHMARKS = ("bandit", "tabular_mdp")
+RL_BENCHMARKS = ("bandit", "tabular_mdp", "navigation2d")
 # small trials keep the builds cheap (the Transformer's positions and the GRU are sized by the trial length)
-SMALL = {"bandit": ["benchmark.pulls=4"], "tabular_mdp": ["benchmark.episodes=2", "benchmark.horizon=3"]}
+SMALL = {"bandit": ["benchmark.pulls=4"], "tabular_mdp": ["benchmark.episodes=2", "benchmark.horizon=3"],
+         "navigation2d": ["benchmark.horizon=3"]}
 
 
 def _config(algo: str, model: str, benchmark: str, *extra: str):  # type: ignore[no-untyped-def]
@@ -45,9 +46,10 @@ def expected_conflict(algo: str, model: str, benchmark: str) -> str | None:
     """What run.py refuses first (the algorithm's kind, then the model's inputs), from the classes themselves."""
     cfg = _config(algo, model, benchmark)
     algorithm = get_class(cfg.algo._target_)
-    if "reinforcement" not in algorithm.supports:
-        return f"algo={algo}"
     spec = get_class(cfg.benchmark._target_)(**{k: v for k, v in cfg.benchmark.items() if k != "_target_"}).spec
+    acts = algorithm.continuous_actions if spec.continuous_actions else algorithm.discrete_actions
+    if "reinforcement" not in algorithm.supports or not acts:
+        return f"algo={algo}"
     if input_kind(algorithm.backbone_input_shape(spec)) not in get_class(cfg.model._target_).accepts:
         return f"model={model}"
     return None
@@ -67,8 +69,8 @@ def test_rl_combination_builds_or_names_the_conflict(algo: str, model: str, benc
         build(_config(algo, model, benchmark), names)
     line = str(raised.value)
     assert "\n" not in line and conflict in line and f"benchmark={benchmark}" in line and "; use " in line, line
-    if conflict == f"algo={algo}":  # a supervised learner is pointed at the RL learners
-        assert "algo=rl2" in line
+    if conflict == f"algo={algo}":  # pointed at the RL learners of the benchmark's action space
+        assert ("algo=maml" if benchmark == "navigation2d" else "algo=rl2") in line
 
 
 def test_every_rl_learner_runs_somewhere_and_every_supervised_one_is_refused() -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar, Protocol
 
 import torch.nn.functional as F
@@ -30,6 +30,11 @@ class MetaAlgorithm(Protocol):
     draws_randomness: ClassVar[bool] = False
     # reinforcement: whether it acts in continuous action spaces (run.py refuses the mismatch in one line)
     continuous_actions: ClassVar[bool] = False
+    # reinforcement: whether it acts in discrete action spaces (MAML for RL's Gaussian policy does not)
+    discrete_actions: ClassVar[bool] = True
+    # True: it implements `trust_region_terms`, which TRPO (trainer/optimizer=trpo) needs; run.py refuses TRPO
+    # for the others in one line
+    trust_region: ClassVar[bool] = False
     # the feature extractor; the trainer updates its running statistics once per step (Backbone protocol)
     backbone: Backbone
 
@@ -51,6 +56,19 @@ class MetaAlgorithm(Protocol):
         the NaN path are the same); the trainer, not the algorithm, still owns stepping, gradient clipping and
         the scheduler (stepped once per training step)."""
         yield batch
+
+    def trust_region_terms(self, batch: Batch, differentiable: bool = True) -> tuple[Tensor, Tensor]:
+        """(surrogate loss, mean KL divergence from the policy that collected `batch`) at the parameters' current
+        values: TRPO's closure (metarun/rl/trpo.py). The trainer has already taken the surrogate's gradient
+        through `meta_loss`; TRPO differentiates the KL twice (Fisher-vector products) when `differentiable`, and
+        compares candidate parameters by both values in its line search (differentiable False: no graph)."""
+        raise NotImplementedError
+
+    def fisher_vector_product(self, batch: Batch, params: list[Tensor]) -> Callable[[Tensor], Tensor] | None:
+        """v -> F v over `params` flattened in order, F the Hessian of `trust_region_terms`' KL at the current
+        parameters, computed in a way cheaper than TRPO's generic double backward; None (the default): TRPO
+        uses the generic one."""
+        return None
 
     @classmethod
     def backbone_input_shape(cls, spec: TaskSpec) -> tuple[int, ...]:
@@ -111,15 +129,19 @@ def batch_metrics(spec: TaskSpec, losses: Tensor, metric: Tensor) -> dict[str, T
 def incompatibility(algorithm: type[MetaAlgorithm], spec: TaskSpec, algo_name: str, bench_name: str) -> str | None:
     """A one-line reason why `algorithm` cannot run on this benchmark, or None when it can."""
     if spec.kind in algorithm.supports:
+        if spec.kind == "reinforcement" and not spec.continuous_actions and not algorithm.discrete_actions:
+            return (f"algo={algo_name} acts in continuous action spaces only (a Gaussian policy) and "
+                    f"benchmark={bench_name} has discrete actions; use algo=rl2 there (or algo=baseline for the "
+                    f"bandit/MDP baselines), or benchmark=navigation2d for algo={algo_name}")
         if spec.continuous_actions and not algorithm.continuous_actions:
             return (f"algo={algo_name} acts in discrete action spaces and benchmark={bench_name} has continuous "
-                    f"actions; no algorithm acts in continuous action spaces yet (MAML for RL will: use a discrete "
-                    f"benchmark, e.g. benchmark=bandit or benchmark=tabular_mdp)")
+                    f"actions; use algo=maml (MAML for RL) there, or a discrete benchmark (benchmark=bandit, "
+                    f"benchmark=tabular_mdp) for algo={algo_name}")
         return None
     # a supervised learner on an RL benchmark needs an RL learner, whatever its own alternatives are
     instead = algorithm.alternatives
     if spec.kind == "reinforcement":
-        instead = ("a discrete benchmark (no algorithm acts in continuous action spaces yet; MAML for RL will)"
-                   if spec.continuous_actions else "algo=rl2 (or algo=baseline for the bandit/MDP baselines)")
+        instead = ("algo=maml (MAML for RL)" if spec.continuous_actions
+                   else "algo=rl2 (or algo=baseline for the bandit/MDP baselines)")
     return (f"algo={algo_name} supports only {'/'.join(sorted(algorithm.supports))} and benchmark={bench_name} "
             f"is {spec.kind}; use {instead}")

@@ -2,6 +2,11 @@
 Networks", ICML 2017. First-order MAML is the same class with `first_order: true`; ANIL (Raghu
 et al., "Rapid Learning or Feature Reuse?", ICLR 2020) is `adapt: head`.
 
+On reinforcement-learning benchmarks with continuous actions (benchmark=navigation2d) the same class is MAML for
+RL (the paper's 3.2 and 5.3): the backbone plus head is the mean of a Gaussian policy with a learned
+state-independent log std, the inner step is a policy-gradient step on each task's own rollouts, and the outer
+step follows the adapted policies' rollouts; the rollout logic is metarun/rl/maml_rl.py.
+
 All tasks of a batch adapt at once: the parameters get a task dimension (expanded views), the
 forward passes are torch.func.vmap over a functional_call, and the inner gradients come from
 torch.autograd.grad of the summed task losses (see `_adapt_and_score`). The outer backward
@@ -10,17 +15,20 @@ differentiates through those inner gradients (second order) unless they are deta
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
-from typing import Any, Literal
+from collections.abc import Callable, Iterator
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad
 
 from metarun.algorithms.base import MetaAlgorithm, batch_metrics, task_loss, task_losses
-from metarun.benchmarks.base import TaskSpec
+from metarun.benchmarks.base import Kind, TaskSpec
 from metarun.defaults import option_defaults
-from metarun.episodes import TaskBatch
+from metarun.episodes import Batch, TaskBatch
+from metarun.errors import UserInputError
 from metarun.models import per_task
 from metarun.models.base import Backbone
 from metarun.vmap import over_tasks
@@ -43,7 +51,13 @@ _DEFAULTS = option_defaults("algo", "maml")
 
 
 class MAML(nn.Module, MetaAlgorithm):
-    """Backbone plus a linear head, adapted per task by `inner_steps` SGD steps on the support set."""
+    """Backbone plus a linear head, adapted per task by `inner_steps` SGD steps on the support set (or, on RL
+    benchmarks, policy-gradient steps on the task's rollouts)."""
+
+    supports: ClassVar[frozenset[Kind]] = frozenset({"classification", "regression", "reinforcement"})
+    continuous_actions: ClassVar[bool] = True
+    discrete_actions: ClassVar[bool] = False
+    trust_region: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -55,6 +69,9 @@ class MAML(nn.Module, MetaAlgorithm):
         eval_inner_lr: float | None = _DEFAULTS["eval_inner_lr"],
         first_order: bool = _DEFAULTS["first_order"],
         adapt: Literal["all", "head"] = _DEFAULTS["adapt"],
+        rollouts: int = _DEFAULTS["rollouts"],
+        gamma: float = _DEFAULTS["gamma"],
+        init_std: float = _DEFAULTS["init_std"],
     ) -> None:
         super().__init__()
         if inner_steps < 0 or eval_inner_steps < 0:
@@ -71,6 +88,28 @@ class MAML(nn.Module, MetaAlgorithm):
         self.eval_inner_lr = inner_lr if eval_inner_lr is None else eval_inner_lr
         self.first_order = first_order
         self.adapt = adapt
+        self.rl = None
+        if spec.kind == "reinforcement":
+            self._init_policy(rollouts, gamma, init_std)
+
+    def _init_policy(self, rollouts: int, gamma: float, init_std: float) -> None:
+        """RL benchmarks: the net is the Gaussian policy's mean; its log std a learned vector (Finn et al.:
+        initial std 1), registered on the net so the inner step adapts it with the rest."""
+        from metarun.rl.maml_rl import RLSettings
+
+        if not self.spec.continuous_actions:
+            raise UserInputError("algo=maml on RL acts in continuous action spaces (a Gaussian policy) and this "
+                                 "benchmark's actions are discrete; use algo=rl2 there")
+        if isinstance(rollouts, bool) or not isinstance(rollouts, int) or rollouts < 1:
+            raise UserInputError(f"algo.rollouts must be an integer >= 1 (got {rollouts!r})")
+        if not 0 <= gamma <= 1 or not init_std > 0:
+            raise UserInputError(f"algo.gamma must be in [0, 1] and algo.init_std > 0 (got {gamma!r}, {init_std!r})")
+        self.net.register_parameter(
+            "log_std", nn.Parameter(torch.full((self.spec.output_size,), math.log(init_std))))
+        adapted = None if self.adapt == "all" else frozenset(
+            ["log_std", *(f"head.{k}" for k, _ in self.net.head.named_parameters())])
+        self.rl = RLSettings(policy=self._policy, rollouts=rollouts, gamma=gamma, horizon=self.spec.horizon,
+                             adapted=adapted)
 
     @property
     def backbone(self) -> Backbone:
@@ -143,16 +182,75 @@ class MAML(nn.Module, MetaAlgorithm):
         losses, metrics = zip(*scores)
         return torch.stack(losses, dim=1), torch.stack(metrics, dim=1)
 
+    def _policy(self, params: Params, observations: Tensor) -> tuple[Tensor, Tensor]:
+        """RL: (mean, log_std) [T, ..., A] of task t's Gaussian policy params[k][t] at observations [T, ..., O]."""
+        from metarun.rl.policy_gradient import per_task_log_std
+
+        flat = observations.reshape(observations.shape[0], -1, observations.shape[-1])
+        mean = self._forward_per_task(self.net, params, flat).view(*observations.shape[:-1], -1)
+        return mean, per_task_log_std(params["log_std"], mean)
+
     # -- the MetaAlgorithm protocol ------------------------------------------------------------------
 
-    def meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, Tensor]]:
+    def updates(self, batch: Batch) -> Iterator[Batch]:
+        """Supervised: the batch. RL: the step's rollouts, collected before and after the inner steps with the
+        current parameters (metarun/rl/maml_rl.py), once."""
+        if self.rl is None:
+            yield batch
+            return
+        from metarun.rl.maml_rl import collect_adaptation
+
+        yield collect_adaptation(dict(self.net.named_parameters()), batch, self.inner_steps,
+                                 self._detached_rate(False), self.rl)
+
+    def trust_region_terms(self, batch: Batch, differentiable: bool = True) -> tuple[Tensor, Tensor]:
+        """RL: the adapted policies' surrogate and mean KL from the policies that collected `batch`."""
+        if self.rl is None:
+            raise UserInputError("trainer/optimizer=trpo needs a policy: MAML takes it on RL benchmarks only")
+        from metarun.rl.maml_rl import surrogate_and_kl
+
+        with torch.enable_grad():
+            params = dict(self.net.named_parameters())
+            if not differentiable:
+                params = {k: v.detach() for k, v in params.items()}
+            surrogate, kl = surrogate_and_kl(params, batch, self._inner_rate(False),
+                                             self.first_order or not differentiable, self.rl)
+        if not differentiable:
+            return surrogate.detach().mean(), kl.detach().mean()
+        return surrogate.mean(), kl.mean()
+
+    def fisher_vector_product(self, batch: Batch, params: list[Tensor]) -> Callable[[Tensor], Tensor] | None:
+        """RL: the KL's Hessian by the chain rule through the inner steps (metarun/rl/maml_rl.py)."""
+        names = {id(p): k for k, p in self.net.named_parameters()}
+        if self.rl is None or isinstance(self._inner_rate(False), dict) or any(id(p) not in names for p in params):
+            return None
+        from metarun.rl.maml_rl import fisher_vector_product
+
+        shared = {k: v.detach() for k, v in self.net.named_parameters()}
+        product = fisher_vector_product(shared, batch, self._inner_rate(False), self.first_order, self.rl)
+        order = [names[id(p)] for p in params]
+
+        def flat(v: Tensor) -> Tensor:
+            given = dict(zip(order, (x.view_as(p) for x, p in zip(v.split([p.numel() for p in params]), params))))
+            out = product({k: given.get(k, torch.zeros_like(p)) for k, p in shared.items()})
+            return torch.cat([out[k].reshape(-1) for k in order])
+
+        return flat
+
+    def meta_loss(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+        if self.rl is not None:
+            from metarun.rl.maml_rl import surrogate_and_kl, training_metrics
+
+            surrogate, kl = surrogate_and_kl(dict(self.net.named_parameters()), batch, self._inner_rate(False),
+                                             self.first_order, self.rl)
+            return surrogate.mean(), training_metrics(surrogate, kl, batch)
         params = dict(self.net.named_parameters())
         losses, metric = self._adapt_and_score(params, batch, self.inner_steps, self._inner_rate(False),
                                                self.first_order)
         return losses.mean(), batch_metrics(self.spec, losses, metric)
 
-    def _detached_rate(self) -> Rate:
-        rate = self._inner_rate(True)
+    def _detached_rate(self, evaluation: bool = True) -> Rate:
+        rate = self._inner_rate(evaluation)
         return {k: v.detach() for k, v in rate.items()} if isinstance(rate, dict) else rate
 
     def evaluate(self, batch: TaskBatch) -> dict[str, Tensor]:
@@ -162,6 +260,10 @@ class MAML(nn.Module, MetaAlgorithm):
         detached copies, so evaluation costs a forward and a backward per step whatever the training order.
         """
         params = {k: v.detach() for k, v in self.net.named_parameters()}
+        if self.rl is not None:
+            from metarun.rl.maml_rl import evaluate_adaptation
+
+            return evaluate_adaptation(params, batch, self.eval_inner_steps, self._detached_rate(), self.rl)
         with torch.enable_grad():
             _, metric = self._adapt_and_score(params, batch, self.eval_inner_steps, self._detached_rate(),
                                               first_order=True, evaluation=True)
@@ -170,11 +272,30 @@ class MAML(nn.Module, MetaAlgorithm):
         out[name] = metric[:, -1]
         return out
 
+    def _path_picture(self, batch: Batch) -> dict[str, Tensor]:
+        from metarun.plotting import path_plot
+        from metarun.rl.maml_rl import adaptation_paths
+
+        goals = batch.params.get("goals") if self.spec.input_shape == (2,) else None
+        if goals is None:
+            return {}
+        params = {k: v.detach() for k, v in self.net.named_parameters()}
+        paths = adaptation_paths(params, batch.slice(0, 1), self.eval_inner_steps, self._detached_rate(), self.rl)
+        shades = [(90, 90, 230), (150, 210, 150), (80, 180, 80), (20, 120, 20)]
+        drawn = {("before adaptation" if k == 0 else f"after {k} step{'s' if k > 1 else ''}"):
+                 (path[0, 0].double().cpu().numpy(), shades[min(k, len(shades) - 1)]) for k, path in enumerate(paths)}
+        goal = goals[0].double().cpu().numpy()
+        return {"val/trajectories": path_plot(drawn, goal, f"validation task 0: goal ({goal[0]:.2f}, {goal[1]:.2f})")}
+
     @torch.no_grad()
     def visualize(self, batch: TaskBatch) -> dict[str, Tensor]:
         """For 1-D regression (sine): the model's curve before and after adaptation on the first task,
         against its support and query points; titled with the sine's amplitude and phase when the points
-        determine them. Other benchmarks: nothing to draw."""
+        determine them. RL benchmarks with 2-D observations (navigation2d): the paths of the first task's first
+        rollout before and after each evaluation step, with its goal (Finn et al. 2017, Fig. 4). Other benchmarks:
+        nothing to draw."""
+        if self.rl is not None:
+            return self._path_picture(batch)
         if self.spec.kind != "regression" or self.spec.input_shape != (1,):
             return {}
         from metarun.plotting import curve_plot, sine_fit

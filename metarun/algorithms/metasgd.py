@@ -16,8 +16,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from typing import ClassVar
+
 from metarun.algorithms.maml import MAML
-from metarun.benchmarks.base import TaskSpec
+from metarun.benchmarks.base import Kind, TaskSpec
 from metarun.defaults import option_defaults
 from metarun.models.base import Backbone
 
@@ -34,6 +36,10 @@ _DEFAULTS = option_defaults("algo", "metasgd")
 
 class MetaSGD(MAML):
     """Backbone plus a linear head, adapted per task by `inner_steps` steps with learned per-weight rates."""
+
+    supports: ClassVar[frozenset[Kind]] = frozenset({"classification", "regression"})  # MAML for RL: algo=maml
+    continuous_actions: ClassVar[bool] = False
+    trust_region: ClassVar[bool] = False
 
     def __init__(
         self,

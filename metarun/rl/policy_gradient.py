@@ -26,8 +26,9 @@ of the inner rollouts' own dependence on the parameters (DiCE, ProMP) is not par
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +42,9 @@ from metarun.rl.rollout import RolloutPolicy, StepInput
 from metarun.rl.tabular_mdp import normal_quantile
 
 Params = dict[str, Tensor]
+# (parameters, observations [..., observation_size]) -> (mean, log_std), each [..., action_size]: the Gaussian
+# policy's head. `gaussian_mlp` is the stand-alone one; MAML's is its backbone plus linear head (algorithms/maml.py)
+PolicyFn = Callable[[Params, Tensor], tuple[Tensor, Tensor]]
 
 MIN_LOG_STD = math.log(1e-6)  # Finn's MAMLGaussianMLPPolicy: min_std 1e-6 on the exp-parametrised std
 BASELINE_REG = 1e-5  # rllab's LinearFeatureBaseline reg_coeff
@@ -89,10 +93,28 @@ def gaussian_mlp(params: Params, observations: Tensor, activation: str = "relu")
         x = _linear(x, params[f"layer{i}.weight"], params[f"layer{i}.bias"])
         if i < n - 1:
             x = act(x)
-    log_std = params["log_std"].clamp_min(MIN_LOG_STD)
-    if log_std.dim() == 2:  # per task [T, A] -> [T, 1, ..., 1, A]
-        log_std = log_std.view(log_std.shape[0], *([1] * (x.dim() - 2)), log_std.shape[1])
-    return x, log_std.expand_as(x)
+    return x, per_task_log_std(params["log_std"], x)
+
+
+def policy_fn(policy: PolicyFn | None, activation: str = "relu") -> PolicyFn:
+    """`policy`, or the stand-alone Gaussian MLP with `activation` when None."""
+    return policy if policy is not None else functools.partial(gaussian_mlp, activation=activation)
+
+
+def per_task_log_std(log_std: Tensor, like: Tensor) -> Tensor:
+    """A state-independent log std (shared [A] or per task [T, A]) clamped below at log(1e-6) and broadcast to
+    the mean `like` [..., A] (per task: [T, 1, ..., 1, A] first)."""
+    log_std = log_std.clamp_min(MIN_LOG_STD)
+    if log_std.dim() == 2:
+        log_std = log_std.view(log_std.shape[0], *([1] * (like.dim() - 2)), log_std.shape[1])
+    return log_std.expand_as(like)
+
+
+def gaussian_kl(old_mean: Tensor, old_log_std: Tensor, mean: Tensor, log_std: Tensor) -> Tensor:
+    """KL(N(old_mean, old_std^2) || N(mean, std^2)) of diagonal Gaussians, summed over the action dimension:
+    [...]. TRPO's constraint, old = the policy that collected the rollouts."""
+    return (log_std - old_log_std + (torch.exp(2 * old_log_std) + (old_mean - mean) ** 2)
+            / (2 * torch.exp(2 * log_std)) - 0.5).sum(-1)
 
 
 def gaussian_log_prob(mean: Tensor, log_std: Tensor, actions: Tensor) -> Tensor:
@@ -106,15 +128,15 @@ class GaussianPolicy(RolloutPolicy):
     """Acts in every trial at once: a = mean + std * eps, eps the inverse normal CDF of one TaskNoise uniform per
     action dimension (stream POLICY_STREAM), so a task's actions depend only on its seed and its parameters."""
 
-    def __init__(self, params: Params, activation: str = "relu") -> None:
+    def __init__(self, params: Params, activation: str = "relu", policy: PolicyFn | None = None) -> None:
         self.params = params  # shared, or per task [T, ...]
-        self.activation = activation
+        self.policy = policy_fn(policy, activation)
 
     def start(self, env: TrialEnv) -> None:
         return None
 
     def act(self, step: StepInput, memory: Any, t: int, noise: TaskNoise) -> tuple[Tensor, Any, dict[str, Tensor]]:
-        mean, log_std = gaussian_mlp(self.params, step.observation, self.activation)
+        mean, log_std = self.policy(self.params, step.observation)
         eps = normal_quantile(noise.uniform(POLICY_STREAM, t, mean.shape[-1])).to(mean.dtype)
         return mean + torch.exp(log_std) * eps, None, {}
 
@@ -246,18 +268,20 @@ def advantages(episodes: Episodes, *, gamma: float, horizon: int, reg: float = B
 # -- REINFORCE and the MAML meta-loss ----------------------------------------------------------------------------
 
 def reinforce_loss(params: Params, observations: Tensor, actions: Tensor, advantages: Tensor, valid: Tensor,
-                   activation: str = "relu") -> Tensor:
+                   activation: str = "relu", policy: PolicyFn | None = None) -> Tensor:
     """-mean over valid steps of log pi(a | s) A, reduced over the last two dimensions (trials, steps): [T] for
     [T, N, L] data (shared or per-task parameters), a scalar for one task's [N, L] (the form torch.func.vmap and
     grad take). Its gradient is the REINFORCE policy gradient (descent direction)."""
-    mean, log_std = gaussian_mlp(params, observations, activation)
+    mean, log_std = policy_fn(policy, activation)(params, observations)
     log_prob = gaussian_log_prob(mean, log_std, actions)
     return -(log_prob * advantages * valid).sum((-2, -1)) / valid.sum((-2, -1)).clamp_min(1.0)
 
 
-def reinforce_losses(params: Params, batch: PolicyGradientBatch, activation: str = "relu") -> Tensor:
+def reinforce_losses(params: Params, batch: PolicyGradientBatch, activation: str = "relu",
+                     policy: PolicyFn | None = None) -> Tensor:
     """[T]: each task's REINFORCE loss on its own rollouts."""
-    return reinforce_loss(params, batch.observations, batch.actions, batch.advantages, batch.valid, activation)
+    return reinforce_loss(params, batch.observations, batch.actions, batch.advantages, batch.valid, activation,
+                          policy)
 
 
 def per_task(params: Params, num_tasks: int) -> Params:
@@ -267,15 +291,17 @@ def per_task(params: Params, num_tasks: int) -> Params:
 
 
 def adapt(fast: Params, batch: PolicyGradientBatch, lr: float, first_order: bool = False,
-          activation: str = "relu") -> Params:
+          activation: str = "relu", policy: PolicyFn | None = None, adapted: frozenset[str] | None = None) -> Params:
     """One policy-gradient step per task, all tasks at once: fast [T, ...] -> fast - lr grad(task loss).
     Second order (create_graph) unless `first_order`, where the inner gradient is a constant. Parameters that
     do not require a gradient (evaluation: detached copies) become leaves of their own, as in the supervised
-    MAML's evaluation, so adapting a fixed policy needs no special case."""
-    fast = {k: p if p.requires_grad else p.detach().requires_grad_() for k, p in fast.items()}
-    loss = reinforce_losses(fast, batch, activation).sum()
-    grads = torch.autograd.grad(loss, list(fast.values()), create_graph=not first_order)
-    return {k: p - lr * g for (k, p), g in zip(fast.items(), grads)}
+    MAML's evaluation, so adapting a fixed policy needs no special case. `adapted` names the parameters that
+    take the step (None: all; ANIL: the head's); the others stay as they are."""
+    names = [k for k in fast if adapted is None or k in adapted]
+    fast = {k: p if p.requires_grad or k not in names else p.detach().requires_grad_() for k, p in fast.items()}
+    loss = reinforce_losses(fast, batch, activation, policy).sum()
+    grads = dict(zip(names, torch.autograd.grad(loss, [fast[k] for k in names], create_graph=not first_order)))
+    return {k: p - lr * grads[k] if k in grads else p for k, p in fast.items()}
 
 
 def maml_rl_meta_loss(params: Params, inner: Sequence[PolicyGradientBatch], outer: PolicyGradientBatch, *,
