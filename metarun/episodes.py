@@ -28,6 +28,11 @@ class Batch(Protocol):
         """The inputs the backbone's running normalisation statistics follow (Backbone.update_running_stats)."""
         ...
 
+    def task_groups(self) -> dict[str, Tensor]:
+        """Named subsets of the tasks (name -> bool mask [T]) the evaluation also reports the headline metric
+        on, as `<metric>/<name>` (benchmark=multimodal: its modes). Most batches: none."""
+        ...
+
 
 @dataclass(frozen=True)
 class TaskBatch:
@@ -61,3 +66,6 @@ class TaskBatch:
     def normalisation_inputs(self) -> tuple[Tensor, ...]:
         """Support and query images: what a per-task loop with nn.BatchNorm2d normalises with (see trainer)."""
         return self.support_x, self.query_x
+
+    def task_groups(self) -> dict[str, Tensor]:
+        return {}

@@ -45,7 +45,13 @@ def evaluate_pool(
         for chunk in task_pool(benchmark, split, num_tasks, pool_seed):
             for start in range(0, chunk.num_tasks, batch_size):
                 batch = chunk.slice(start, start + batch_size).to(device)
-                for key, per_task in algorithm.evaluate(batch).items():
+                scores = algorithm.evaluate(batch)
+                metric = scores[benchmark.spec.metric]
+                # named subsets of the tasks (multimodal's modes): the headline metric on each, for every algorithm
+                scores.update({f"{benchmark.spec.metric}/{name}": metric[mask]
+                               for name, mask in batch.task_groups().items()
+                               if f"{benchmark.spec.metric}/{name}" not in scores})
+                for key, per_task in scores.items():
                     values[key].append(per_task.detach().cpu())
     finally:
         algorithm.train(was_training)  # type: ignore[attr-defined]

@@ -88,6 +88,9 @@ class EnvBatch:
         here (the data of an RL step is the rollout)."""
         return ()
 
+    def task_groups(self) -> dict[str, Tensor]:
+        return {}
+
     @property
     def device(self) -> torch.device:
         return self.seeds.device

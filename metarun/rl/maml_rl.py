@@ -90,6 +90,9 @@ class AdaptationRollouts:
     def normalisation_inputs(self) -> tuple[Tensor, ...]:
         return ()
 
+    def task_groups(self) -> dict[str, Tensor]:
+        return {}
+
 
 def _detached(params: Params) -> Params:
     return {k: v.detach() for k, v in params.items()}
