@@ -345,6 +345,15 @@ def _guarded(task):  # type: ignore[no-untyped-def]
             if _full_errors():
                 raise
             _fail(str(ex))
+        except KeyboardInterrupt:
+            # Ctrl-C before the trainer's handler is installed (building, decoding a dataset: its partial cache
+            # is removed by the decoder) or a second Ctrl-C inside training: one line, no traceback
+            if _full_errors():
+                raise
+            from metarun.console import print_error
+
+            print_error("interrupted (Ctrl-C); any checkpoint already saved is kept, a half-built data cache is not")
+            sys.exit(130)
 
     wrapper.__name__ = task.__name__
     wrapper.__module__ = task.__module__

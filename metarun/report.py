@@ -49,7 +49,7 @@ NOT_A_SETTING = (
     "seed",  # seeds of one setting pool: mean and spread over seeds
     # where or how a run was recorded or ran, not what it computed
     "hydra", "ckpt_path", "logger", "device", "threads", "trainer.log_every", "trainer.eval_batch_size",
-    "benchmark.root", "benchmark.cache_dir", "benchmark.decode_workers",  # where the data is read and cached
+    "benchmark.root", "benchmark.cache_dir", "benchmark.decode_workers", "benchmark.memory_map", "benchmark.ram_share",  # where the data is read and cached
     "paper", "reference",  # a figure to compare with, typed on the command line, computes nothing
 )
 # Shown in a setting's first part (algo/model/benchmark (split)), not repeated among its overrides.

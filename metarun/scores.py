@@ -20,7 +20,7 @@ from metarun.stats import Estimate
 SCORES_FILE = "scores.json"
 # Benchmark keys that say where the data is and how it is decoded, not which tasks are drawn.
 # where the data is read and cached, and what only meta-training episodes see (augment): not the pool
-_NOT_POOL = ("root", "cache_dir", "decode_workers", "augment")
+_NOT_POOL = ("root", "cache_dir", "decode_workers", "augment", "memory_map", "ram_share")
 
 
 def pool_identity(cfg: DictConfig, benchmark: str, split: str, tasks: int) -> dict[str, Any]:

@@ -6,7 +6,16 @@ preloaded tensors (which isolates the Python per-item cost from the PIL cost).
 Same process, same data (real Omniglot background characters, 964 classes x 20 drawings at 28x28,
 no rotations), same episode shapes; rounds are interleaved and medians reported.
 
+Two more tables (benchmark=folder's machinery, issue 20):
+- `mmap`: the same sampler on the same store held in memory vs memory-mapped from a raw cache file (as
+  benchmark=folder maps a store over benchmark.ram_share of RAM). The file was just written, so its pages are
+  in the page cache: this is the cost of the mapping itself, not of a disk read (a cold store larger than RAM
+  reads each chosen image's page from disk instead).
+- `decode`: images/s decoding real Omniglot PNGs (105x105 -> 28x28 LANCZOS) in one process vs the process pool
+  over every core (decode_into, as benchmark=folder decodes).
+
     python scripts/bench_sampling.py [--root ../shared/data/omniglot] [--rounds 3] [--seconds 1] [--threads N]
+                                     [--only pipeline,mmap,decode] [--decode-images 6000]
 
 Process settings are the program's own (metarun.runtime.configure_runtime), applied to every variant.
 """
@@ -16,6 +25,7 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,7 +37,7 @@ from rich.console import Console
 from rich.table import Table
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from metarun.benchmarks.decode import RESAMPLE, Preprocess, decode_all
+from metarun.benchmarks.decode import RESAMPLE, Preprocess, decode_all, decode_into, usable_cores
 from metarun.benchmarks.omniglot_source import locate
 from metarun.benchmarks.sampler import EpisodeSampler
 from metarun.episodes import TaskBatch
@@ -115,13 +125,70 @@ def tasks_per_second(make_batch: Callable[[], TaskBatch], tasks: int, seconds: f
             return count * tasks / elapsed
 
 
+def mmap_table(store: torch.Tensor, characters: int, rounds: int, seconds: float) -> Table:
+    """Tasks/s of one sampler over the store in memory and over the same bytes memory-mapped from a file."""
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "store.u8"
+        store.numpy().tofile(path)
+        mapped = torch.from_numpy(np.memmap(path, dtype=np.uint8, mode="c", shape=tuple(store.shape)))
+        for ways, shots, queries in CONFIGS:
+            samplers = {"memory": EpisodeSampler(store, {"train": (0, characters)}, ways, shots, queries),
+                        "mapped": EpisodeSampler(mapped, {"train": (0, characters)}, ways, shots, queries,
+                                                 keep_store_on_host=True)}
+            for tasks in TASKS_PER_BATCH:
+                results: dict[str, list[float]] = {name: [] for name in samplers}
+                for _ in range(rounds):
+                    for name, sampler in samplers.items():
+                        generator = torch.Generator().manual_seed(0)
+                        results[name].append(tasks_per_second(lambda: sampler.sample("train", tasks, generator),
+                                                              tasks, seconds))
+                m = {name: statistics.median(v) for name, v in results.items()}
+                rows.append((f"{ways}w {shots}s {queries}q", tasks, m))
+        del mapped
+    table = Table(title="tasks/s, median of interleaved rounds: the same sampler on a store in memory vs memory-mapped "
+                        "(page cache warm)")
+    for column in ("episode", "T", "memory", "mapped", "mapped/memory"):
+        table.add_column(column, justify="right")
+    for name, tasks, m in rows:
+        table.add_row(name, str(tasks), f"{m['memory']:,.0f}", f"{m['mapped']:,.0f}",
+                      f"{m['mapped'] / m['memory']:.2f}x")
+    return table
+
+
+def decode_table(refs: list, images: int, rounds: int) -> Table:
+    """Images/s of decode_into with one process and with the pool over every core, interleaved rounds."""
+    refs = refs[:images]
+    prep = Preprocess(SIZE, "L", invert=True)
+    variants = {"1 process": 1, f"pool ({usable_cores()} processes)": 0}
+    results: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, workers in variants.items():
+            out = np.empty((len(refs), 1, SIZE, SIZE), dtype=np.uint8)
+            started = time.perf_counter()
+            decode_into(out, refs, prep, workers)
+            results[name].append(len(refs) / (time.perf_counter() - started))
+    table = Table(title=f"decoding {len(refs):,} real Omniglot PNGs (105x105 -> {SIZE}x{SIZE} LANCZOS), images/s, "
+                        f"median of {rounds} interleaved rounds")
+    for column in ("variant", "images/s", "min-max", "vs 1 process"):
+        table.add_column(column, justify="right")
+    base = statistics.median(results["1 process"])
+    for name, values in results.items():
+        table.add_row(name, f"{statistics.median(values):,.0f}", f"{min(values):,.0f}-{max(values):,.0f}",
+                      f"{statistics.median(values) / base:.2f}x")
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", default=str(REPO.parent / "shared" / "data" / "omniglot"))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=1.0, help="minimum time per measurement")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--only", default="pipeline,mmap,decode", help="tables to measure, comma-separated")
+    parser.add_argument("--decode-images", type=int, default=6000, help="PNGs decoded per decode measurement")
     args = parser.parse_args()
+    parts = set(args.only.split(","))
     console = Console()
     configure_runtime()
     if args.threads:
@@ -141,6 +208,12 @@ def main() -> None:
                   f"{decode_s:.1f} s "
                   f"(2 processes); torch threads: {torch.get_num_threads()}")
 
+    if "decode" in parts:
+        console.print(decode_table(refs, args.decode_images, args.rounds))
+    if "mmap" in parts:
+        console.print(mmap_table(store, len(characters), args.rounds, args.seconds))
+    if "pipeline" not in parts:
+        return
     rows = []
     for ways, shots, queries in CONFIGS:
         sampler = EpisodeSampler(store, {"train": (0, len(characters))}, ways, shots, queries, name="omniglot")

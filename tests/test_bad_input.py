@@ -94,3 +94,16 @@ def test_eval_checks_keys_against_the_checkpoints_own_groups(smoke_run: Path, tm
     proc = run_metarun("eval", f"ckpt_path={ckpt}", "algo.distanse=cosine", f"hydra.run.dir={tmp_path / 'eval'}")
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and "did you mean 'algo.distance'" in proc.stderr, proc.stderr
+
+
+def test_ctrl_c_before_training_starts_is_one_line_exit_130(capsys: pytest.CaptureFixture[str]) -> None:
+    """A KeyboardInterrupt while a run is being built (e.g. decoding a dataset) gets one line, not a traceback."""
+    from metarun.cli import _guarded
+
+    def task(cfg: object) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as stop:
+        _guarded(task)(None)
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 130 and "\n" not in err and err.startswith("metarun: error: interrupted (Ctrl-C)")

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import io
 import multiprocessing
+import os
+import signal
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
@@ -24,6 +26,8 @@ RESAMPLE = Image.Resampling.LANCZOS
 RESAMPLE_NAME = "lanczos"
 # Small jobs decode in-process: starting workers costs more than it saves below this many images.
 MIN_IMAGES_FOR_POOL = 2000
+# decode_into: images per work item; small enough for a smooth progress bar, big enough to amortise pickling
+STREAM_CHUNK = 256
 # Pillow exceptions for a damaged file: truncated data, bad header, bad chunk CRC, decompression bombs.
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError, zipfile.BadZipFile)
 
@@ -129,6 +133,57 @@ def decode_all(refs: Sequence[ImageRef], prep: Preprocess, workers: int = 2) -> 
     return out
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (a container's or taskset's share, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def decode_into(out: np.ndarray, refs: Sequence[ImageRef], prep: Preprocess, workers: int = 0,
+                progress: Callable[[int], None] | None = None,
+                written: Callable[[int, np.ndarray], None] | None = None) -> int:
+    """Decode `refs` into `out[i]` in order (`out` may be a np.memmap of a cache file being written, so a store
+    larger than memory never exists whole in RAM). `workers` 0: every usable core. `progress(n)` is called
+    after each `n` images; `written(start, chunk)` sees every chunk in store order (running checksums and
+    statistics). Raises DecodeError naming the first bad file. Unlike decode_all it streams: results are
+    consumed as the pool produces them, at most ~2 chunks per worker in flight. Returns the processes used."""
+    if out.shape != (len(refs), prep.channels, prep.size, prep.size) or out.dtype != np.uint8:
+        raise ValueError(f"out must be uint8 {(len(refs), prep.channels, prep.size, prep.size)}, "
+                         f"not {out.dtype} {out.shape}")
+    workers = usable_cores() if workers <= 0 else workers
+    starts = list(range(0, len(refs), STREAM_CHUNK))
+
+    def take(start: int, result: np.ndarray | str) -> None:
+        if isinstance(result, str):
+            raise DecodeError(result)
+        out[start:start + len(result)] = result
+        if written is not None:
+            written(start, result)
+        if progress is not None:
+            progress(len(result))
+
+    if workers <= 1 or len(refs) < MIN_IMAGES_FOR_POOL:
+        for start in starts:
+            take(start, _decode_chunk(refs[start:start + STREAM_CHUNK], prep))
+        return 1
+    pool = _pool(workers, parent_handles_interrupt=True)
+    try:
+        pending: dict[int, object] = {}
+        ahead = 2 * workers
+        next_submit = 0
+        for start in starts:
+            while next_submit < len(starts) and len(pending) < ahead:
+                s = starts[next_submit]
+                pending[s] = pool.submit(_decode_chunk, refs[s:s + STREAM_CHUNK], prep)
+                next_submit += 1
+            take(start, pending.pop(start).result())  # type: ignore[attr-defined]
+    finally:  # an error or Ctrl-C: drop the queued chunks instead of decoding them first
+        pool.shutdown(wait=True, cancel_futures=True)
+    return workers
+
+
 def check_all(refs: Sequence[ImageRef], workers: int = 2) -> list[str]:
     """Fully decode every image (no resize); the messages of the ones that fail (for `metarun data verify`)."""
     errors: list[str] = []
@@ -144,17 +199,26 @@ def check_all(refs: Sequence[ImageRef], workers: int = 2) -> list[str]:
     return errors
 
 
-def _pool(workers: int) -> ProcessPoolExecutor:
+def _pool(workers: int, parent_handles_interrupt: bool = False) -> ProcessPoolExecutor:
     """Fork where available: the workers run only Pillow and numpy, and fork starts in milliseconds."""
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("fork" if "fork" in methods else None)
-    return ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_forget_archives)
+    start = _quiet_worker if parent_handles_interrupt else _forget_archives
+    return ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=start)
 
 
 def _forget_archives() -> None:
     """A forked worker must open its own zip handles: one inherited from the parent shares the file offset
     with it and with the other workers, and concurrent seek+read pairs would interleave."""
     _open_archives.clear()
+
+
+def _quiet_worker() -> None:
+    """decode_into's workers also ignore Ctrl-C: the terminal sends SIGINT to the whole process group, and the
+    parent alone stops the pool (cancelling the queued chunks, removing its partial cache) instead of every
+    worker dying with its own traceback."""
+    _forget_archives()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _check_chunk(refs: Sequence[ImageRef]) -> list[str]:

@@ -13,9 +13,17 @@ device the store lives, instead of T * N * (K + Q) PIL decodes (scripts/bench_sa
   support_y = [0]*K + [1]*K + ...; they are split here, once.
 - Only the seeded `generator` is used, never the global RNG; it may live on the CPU while the
   store lives on the GPU (the indices, not the images, cross devices).
+- Classes of unequal size (benchmark=folder: CUB, a user's data) come as a flat store [images, C, H, W] with
+  a count per class. Equal counts are viewed as the rectangular store (same episodes, bit for bit); unequal
+  ones take the same two top-k draws with masks: a class with fewer than K+Q images scores -1 (never among
+  the top-N), and positions past a class's last image score -1 (never among its top-(K+Q)).
+- A memory-mapped store (bigger than RAM) stays on the host (`keep_store_on_host`): the gather reads only
+  the chosen images' pages, and only those images, as uint8, move to the device.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -34,18 +42,50 @@ class EpisodeSampler:
     """
 
     def __init__(self, store: Tensor, ranges: dict[str, tuple[int, int]], ways: int, shots: int, queries: int,
-                 name: str = "benchmark", augment: Augmentation | None = None, groups: Tensor | None = None) -> None:
+                 name: str = "benchmark", augment: Augmentation | None = None, groups: Tensor | None = None,
+                 counts: Tensor | None = None, keep_store_on_host: bool = False,
+                 on_left_out: Callable[[str, int, Tensor], None] | None = None) -> None:
         """`augment`: random distortions of meta-training episodes (benchmarks/augment.py). `groups`: a group id
         per class (Omniglot: its alphabet); when given, every episode's classes come from one group (Lake et
-        al.'s within-alphabet one-shot tasks), the group drawn uniformly among those with enough classes."""
-        if store.dtype != torch.uint8 or store.dim() != 5:
+        al.'s within-alphabet one-shot tasks), the group drawn uniformly among those with enough classes.
+
+        `counts`: images per class, for a flat store [images, C, H, W] holding each class's images contiguously
+        (classes of unequal size). Equal counts are viewed as the rectangular store (the same episodes, bit for
+        bit); unequal ones are sampled by the ragged path, where a class with fewer than K+Q images is left out
+        of the episodes needing K+Q, reported once per (split, K+Q) to `on_left_out(split, K+Q, classes)`.
+        `keep_store_on_host`: a memory-mapped store stays where it is on `to(device)`; only the chosen images
+        of each batch are gathered from it (reading just their pages) and moved."""
+        self.counts: Tensor | None = None
+        if counts is not None:
+            counts = torch.as_tensor(counts, dtype=torch.long).cpu()
+            if store.dtype != torch.uint8 or store.dim() != 4 or counts.dim() != 1 or len(counts) == 0 \
+                    or int(counts.sum()) != store.shape[0] or bool((counts < 0).any()):
+                raise ValueError(f"a ragged store must be uint8 [images, C, H, W] with counts summing to its images, "
+                                 f"not {store.dtype} {tuple(store.shape)} with {counts.sum()} counted")
+            if bool((counts == counts[0]).all()) and int(counts[0]) > 0:  # rectangular after all: the fast path
+                store = store.view(len(counts), int(counts[0]), *store.shape[1:])
+            else:
+                if groups is not None:
+                    raise ValueError("within-group episodes need a rectangular store (classes of equal size)")
+                self.counts = counts
+        if self.counts is None and (store.dtype != torch.uint8 or store.dim() != 5):
             raise ValueError(f"the store must be uint8 [classes, examples, C, H, W], "
                              f"not {store.dtype} {tuple(store.shape)}")
         self.name = name
         self.ranges = dict(ranges)
-        self.examples = store.shape[1]
-        self.image_shape = tuple(store.shape[2:])
-        self.flat = store.reshape(-1, *self.image_shape)  # [classes * examples, C, H, W]: one index per image
+        self.on_left_out = on_left_out
+        self._ragged: dict[tuple[str, int, torch.device], tuple[Tensor, Tensor, Tensor, int]] = {}
+        if self.counts is None:
+            self.examples = store.shape[1]
+            self.image_shape = tuple(store.shape[2:])
+            self.flat = store.reshape(-1, *self.image_shape)  # [classes * examples, C, H, W]: one index per image
+        else:
+            self.examples = int(self.counts.max())
+            self.image_shape = tuple(store.shape[1:])
+            self.flat = store
+            self.offsets = torch.cumsum(self.counts, 0) - self.counts  # first row of each class in the flat store
+        self.keep_store_on_host = keep_store_on_host
+        self._device: torch.device | None = None  # where episodes go when the store stays on the host
         self._check(ways, shots, queries, list(self.ranges), "benchmark.")
         self.ways, self.shots, self.queries = ways, shots, queries
         self.augment = augment
@@ -58,6 +98,9 @@ class EpisodeSampler:
         self._layouts: dict[tuple[int, int, int, int, torch.device], tuple[Tensor, Tensor, Tensor]] = {}
 
     def _check(self, ways: int, shots: int, queries: int, splits: list[str], prefix: str) -> None:
+        if self.counts is not None:
+            self._check_ragged(ways, shots, queries, splits, prefix)
+            return
         if shots + queries > self.examples:
             raise UserInputError(f"{prefix}shots + {prefix}queries = {shots} + {queries} = {shots + queries} "
                                  f"but {self.name} has {self.examples} examples per class; lower shots or queries")
@@ -67,13 +110,49 @@ class EpisodeSampler:
                 raise UserInputError(f"{prefix}ways={ways} but the {split} split of {self.name} has only "
                                      f"{stop - start} classes; use {prefix}ways <= {stop - start}")
 
+    def _check_ragged(self, ways: int, shots: int, queries: int, splits: list[str], prefix: str) -> None:
+        """Ragged store: each split needs `ways` classes with at least K+Q images; the others are left out."""
+        per = shots + queries
+        for split in splits:
+            _, eligible, _, _ = self._ragged_split(split, per, torch.device("cpu"))
+            usable = int(eligible.sum())
+            if ways > usable:
+                start, stop = self.ranges[split]
+                raise UserInputError(f"{prefix}ways={ways} but the {split} split of {self.name} has only {usable} of "
+                                     f"its {stop - start} classes with at least {prefix}shots + {prefix}queries = "
+                                     f"{shots} + {queries} = {per} images; lower ways, shots or queries")
+
+    def _ragged_split(self, split: str, per: int, draw: torch.device) -> tuple[Tensor, Tensor, Tensor, int]:
+        """(counts, eligible mask, first rows, largest eligible count) of the split's classes for K+Q = `per`, on
+        the drawing device; worked out once per (split, per, device), reporting the left-out classes once."""
+        key = (split, per, draw)
+        cached = self._ragged.get(key)
+        if cached is not None:
+            return cached
+        assert self.counts is not None
+        start, stop = self.ranges[split]
+        counts = self.counts[start:stop]
+        eligible = counts >= per
+        if not any(k[:2] == (split, per) for k in self._ragged):
+            left_out = torch.nonzero(~eligible).flatten() + start
+            if left_out.numel() and self.on_left_out is not None:
+                self.on_left_out(split, per, left_out)
+        largest = int(counts[eligible].max()) if bool(eligible.any()) else per
+        cached = (counts.to(draw), eligible.to(draw), self.offsets[start:stop].to(draw), largest)
+        self._ragged[key] = cached
+        return cached
+
     @property
     def device(self) -> torch.device:
-        return self.flat.device
+        return self._device if self._device is not None else self.flat.device
 
     def to(self, device: torch.device | str) -> "EpisodeSampler":
-        """Move the store to `device`; episodes are then built there."""
-        self.flat = self.flat.to(device)
+        """Move the store to `device`; episodes are then built there. A store kept on the host (memory-mapped)
+        stays; the episodes gathered from it are moved instead."""
+        if self.keep_store_on_host:
+            self._device = torch.device(device)
+        else:
+            self.flat = self.flat.to(device)
         self._layouts.clear()
         return self
 
@@ -87,28 +166,47 @@ class EpisodeSampler:
         start, stop = self.ranges[split]
         t, e = num_tasks, self.examples
         draw = generator.device
-        scores = torch.rand(t, stop - start, generator=generator, device=draw)
-        if self.groups is not None:  # only the classes of one group per task can win the top-N
-            local = self.groups[start:stop].to(draw)
-            eligible = self._eligible_groups(split, n).to(draw)
-            chosen = eligible[torch.randint(len(eligible), (t,), generator=generator, device=draw)]
-            scores = scores.masked_fill(local.unsqueeze(0) != chosen.unsqueeze(1), -1.0)
-        classes = scores.topk(n, dim=1).indices  # [T, N]
-        picks = torch.rand(t, n, e, generator=generator, device=draw).topk(k + q, dim=2).indices  # [T, N, K+Q]
-        rows = picks.add_(classes.mul_(e).add_(start * e).unsqueeze(2))  # rows of the flat store
+        if self.counts is not None:
+            rows = self._ragged_rows(split, t, n, k, q, generator)
+        else:
+            scores = torch.rand(t, stop - start, generator=generator, device=draw)
+            if self.groups is not None:  # only the classes of one group per task can win the top-N
+                local = self.groups[start:stop].to(draw)
+                eligible = self._eligible_groups(split, n).to(draw)
+                chosen = eligible[torch.randint(len(eligible), (t,), generator=generator, device=draw)]
+                scores = scores.masked_fill(local.unsqueeze(0) != chosen.unsqueeze(1), -1.0)
+            classes = scores.topk(n, dim=1).indices  # [T, N]
+            picks = torch.rand(t, n, e, generator=generator, device=draw).topk(k + q, dim=2).indices  # [T, N, K+Q]
+            rows = picks.add_(classes.mul_(e).add_(start * e).unsqueeze(2))  # rows of the flat store
         order, support_y, query_y = self._layout(t, n, k, q, draw)
         # support rows of all tasks, then query rows: one gather, and both parts are contiguous views of it
-        index = rows.view(-1).index_select(0, order).to(self.device)
+        index = rows.view(-1).index_select(0, order).to(self.flat.device)
         # index_select on the flat store (advanced indexing on the 5-D store is ~20x slower); uint8 -> [0, 1].
         # Converting to float32 is most of the cost, and mul_ by 1/255 is ~1.5x faster than div_ by 255
         # (within 1 ulp of it): the batch is written once and rescaled once, nothing more.
-        images = self.flat.index_select(0, index).to(torch.float32).mul_(1.0 / 255.0)
+        gathered = self.flat.index_select(0, index)
+        if gathered.device != self.device:  # a store kept on the host: only the chosen images cross, as uint8
+            gathered = gathered.to(self.device)
+        images = gathered.to(torch.float32).mul_(1.0 / 255.0)
         if self.augment is not None and split == "train":
             images = self.augment(images, generator)
         support = images[: t * n * k].view(t, n * k, *self.image_shape)
         query = images[t * n * k:].view(t, n * q, *self.image_shape)
         # labels are fresh copies, so a consumer may modify them in place
         return TaskBatch(support, support_y.clone(), query, query_y.clone())
+
+    def _ragged_rows(self, split: str, t: int, n: int, k: int, q: int, generator: torch.Generator) -> Tensor:
+        """Rows [T, N, K+Q] of the flat store for classes of unequal size: the rectangular draw with masks. Classes
+        with fewer than K+Q images score -1, so the top-N never picks them; within a class of c images the
+        scores of positions >= c are -1, so the top-(K+Q) is a random (K+Q)-subset of its own c images."""
+        draw = generator.device
+        counts, eligible, offsets, largest = self._ragged_split(split, k + q, draw)
+        scores = torch.rand(t, len(counts), generator=generator, device=draw).masked_fill_(~eligible, -1.0)
+        classes = scores.topk(n, dim=1).indices  # [T, N], within the split
+        noise = torch.rand(t, n, largest, generator=generator, device=draw)
+        beyond = torch.arange(largest, device=draw) >= counts[classes].unsqueeze(2)  # past each class's last image
+        picks = noise.masked_fill_(beyond, -1.0).topk(k + q, dim=2).indices  # [T, N, K+Q]
+        return picks.add_(offsets[classes].unsqueeze(2))
 
     def _eligible_groups(self, split: str, ways: int) -> Tensor:
         """The groups of `split` with at least `ways` classes (within-group episodes draw among them); worked out
