@@ -97,7 +97,7 @@ def build(cfg: DictConfig, names: dict[str, str],
 
 # what run.py suggests for each kind of backbone input (models/base.py input_kind)
 _MODELS_FOR = {"vector": "model=mlp or model=transformer", "image": "model=cnn, model=resnet12 or model=transformer",
-               "sequence": "model=gru or model=transformer"}
+               "sequence": "model=gru or model=transformer", "tokens": "model=hf"}
 
 
 def algorithm_generator(seed: int) -> torch.Generator:

@@ -13,11 +13,31 @@ from torch.func import functional_call
 
 from metarun.vmap import over_tasks
 
-InputKind = Literal["vector", "image", "sequence"]
+InputKind = Literal["vector", "image", "sequence", "tokens"]
+
+
+class TokenShape(tuple[int, ...]):
+    """The input shape of tokenised text: (2, max_length), ids and attention mask stacked as int64 [N, 2, L].
+
+    A tuple (so every shape-reading line works unchanged) that also names its kind and the tokenizer's id range:
+    a shape's length alone cannot tell text from a (L, F) sequence, and a model must refuse ids it has no
+    embedding for before its first forward pass, not with an index error inside it."""
+
+    vocab_size: int
+
+    def __new__(cls, max_length: int, vocab_size: int) -> "TokenShape":
+        shape = super().__new__(cls, (2, max_length))
+        shape.vocab_size = vocab_size
+        return shape
+
+    def __getnewargs__(self) -> tuple[int, int]:  # copy/pickle rebuild it from (max_length, vocab_size)
+        return self[1], self.vocab_size
 
 
 def input_kind(input_shape: tuple[int, ...]) -> InputKind:
-    """vector [F], sequence [L, F] (a trial's history, causal), image [C, H, W]."""
+    """vector [F], sequence [L, F] (a trial's history, causal), image [C, H, W], tokens (TokenShape: text)."""
+    if isinstance(input_shape, TokenShape):
+        return "tokens"
     return {1: "vector", 2: "sequence", 3: "image"}[len(input_shape)]
 
 
