@@ -9,6 +9,7 @@ printed against a float32 matmul's measured in the same run: how close to the ma
 
     python scripts/bench.py                          # sine, Conv-4 and the convex heads on CPU
     python scripts/bench.py --setup conv4 --device cuda
+    python scripts/bench.py --setup sine conv4 --device cuda --json bench.json   # the figures as JSON too
     python scripts/bench.py --setup convex --convex-setup mini-5w1s mini-5w5s
     pip install ".[bench]"                           # adds `higher` (0.2.1) as a comparison; optional
     pip install qpth                                 # the convex heads' comparison (optional; needs numpy<2)
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import resource
 import statistics
 import subprocess
@@ -39,6 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import torch
 from rich.console import Console
@@ -131,6 +134,14 @@ def conv4_setup(args: argparse.Namespace) -> Setup:
 SETUPS = {"sine": sine_setup, "conv4": conv4_setup}
 
 
+def make_setup(name: str, args: argparse.Namespace) -> Setup:
+    """SETUPS[name], its meta-batch replaced by --meta-batch when given (small runs: scripts/gpu_check.py --cpu)."""
+    setup = SETUPS[name](args)
+    if getattr(args, "meta_batch", None):
+        setup.meta_batch = args.meta_batch
+    return setup
+
+
 # -- the variants ----------------------------------------------------------------------------------------------
 
 
@@ -204,7 +215,8 @@ def variants(setup: Setup, device: torch.device) -> dict[str, Step]:
         found["metarun"] = metarun_step(None)
     else:
         chunks = [1, 2, CPU_IMAGE_TASK_CHUNK, None] if device.type == "cpu" else [None]
-        for chunk in dict.fromkeys(chunks):
+        # chunks as large as the meta-batch are the whole batch (None): one variant, not two of one name
+        for chunk in dict.fromkeys(c for c in chunks if c is None or c < setup.meta_batch):
             found[f"metarun chunk {chunk or setup.meta_batch}"] = metarun_step(chunk)
     return found
 
@@ -255,19 +267,31 @@ def rate(iteration: Callable[[], None], seconds: float, minimum: int) -> float:
     return count / (time.perf_counter() - start)
 
 
-def peak_memory_bytes(setup_name: str, variant: str, device: str) -> float:
-    """Peak memory of two meta-iterations of one variant, in a fresh process so peaks do not mix."""
+def peak_memory_bytes(setup_name: str, variants: list[str], device: str,
+                      meta_batch: int | None = None) -> dict[str, float]:
+    """Peak memory of two meta-iterations of each variant, each in a fresh process so peaks do not mix. The
+    processes run side by side: a peak is its own process's (RSS growth, or CUDA's allocator statistics), so
+    running them together changes no figure, only the wall time (on a GPU machine, most of it CUDA start-ups)."""
     # random images: loading the real data would leave heap slack that hides small peaks (memory does not
     # depend on the pixels)
-    command = [sys.executable, __file__, "--probe-memory", variant, "--setup", setup_name, "--device", device,
-               "--threads", str(torch.get_num_threads())]
-    out = subprocess.run(command, capture_output=True, text=True, check=True)
-    return float(json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"])
+    procs = {}
+    for variant in variants:
+        command = [sys.executable, __file__, "--probe-memory", variant, "--setup", setup_name, "--device", device,
+                   "--threads", str(torch.get_num_threads()),
+                   *(["--meta-batch", str(meta_batch)] if meta_batch else [])]
+        procs[variant] = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peaks = {}
+    for variant, proc in procs.items():
+        out, err = proc.communicate()
+        if proc.returncode != 0:
+            raise subprocess.CalledProcessError(proc.returncode, proc.args, out, err)
+        peaks[variant] = float(json.loads(out.strip().splitlines()[-1])["peak_bytes"])
+    return peaks
 
 
 def probe_memory(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
-    setup = SETUPS[args.setup[0]](args)
+    setup = make_setup(args.setup[0], args)
     batches = [setup.sample(setup.meta_batch, torch.Generator().manual_seed(i)).to(device) for i in range(2)]
     iteration = make_iteration(setup, variants(setup, device)[args.probe_memory], device, batches)
     if device.type == "cuda":
@@ -331,7 +355,8 @@ def matmul_gflops(device: torch.device, size: int = 2048, seconds: float = 1.0) 
 # -- the report ------------------------------------------------------------------------------------------------
 
 
-def run_setup(setup: Setup, device: torch.device, args: argparse.Namespace, console: Console) -> None:
+def run_setup(setup: Setup, device: torch.device, args: argparse.Namespace, console: Console) -> dict[str, Any]:
+    """Check, time and measure every variant of `setup`; print its table and return its figures (for --json)."""
     steps = variants(setup, device)
     errors = gradient_errors(setup, steps, device)
     wrong = {name: e for name, e in errors.items() if not e <= GRADIENT_TOLERANCE}
@@ -347,7 +372,10 @@ def run_setup(setup: Setup, device: torch.device, args: argparse.Namespace, cons
         for name, iteration in iterations.items():
             rates[name].append(rate(iteration, args.seconds, minimum))
     medians = {name: statistics.median(r) for name, r in rates.items()}
-    memory = {name: peak_memory_bytes(setup.name, name, device.type) for name in steps}
+    measure_memory = getattr(args, "memory", True)
+    meta_batch = getattr(args, "meta_batch", None)
+    memory = (peak_memory_bytes(setup.name, list(steps), device.type, meta_batch) if measure_memory
+              else {name: math.nan for name in steps})
     flops = flops_per_iteration(setup, device) if setup.name == "conv4" else None
     peak = matmul_gflops(device) if flops else None
 
@@ -359,7 +387,8 @@ def run_setup(setup: Setup, device: torch.device, args: argparse.Namespace, cons
         table.add_column(column, justify="right")
     for name in steps:
         row = [name, f"{medians[name]:.3g}", f"{medians[name] / medians[loop]:.2f}x",
-               f"{memory[name] / 2**20:.0f} MiB", f"{memory[name] / memory[loop]:.2f}x", f"{errors[name]:.1e}"]
+               *([f"{memory[name] / 2**20:.0f} MiB", f"{memory[name] / memory[loop]:.2f}x"] if measure_memory
+                 else ["not measured"] * 2), f"{errors[name]:.1e}"]
         if flops and peak:
             achieved = flops * medians[name] / 1e9
             row += [f"{achieved:.1f}", f"{achieved / peak:.0%}"]
@@ -368,6 +397,19 @@ def run_setup(setup: Setup, device: torch.device, args: argparse.Namespace, cons
     if flops and peak:
         console.print(f"{setup.name}: {flops / 1e9:.1f} GFLOP per meta-iteration (FlopCounterMode); "
                       f"float32 matmul 2048^3 peak here: {peak:.1f} GFLOP/s")
+    return {
+        "setup": setup.name, "description": setup.description, "device": str(device), "meta_batch": setup.meta_batch,
+        "threads": torch.get_num_threads(), "rounds": args.rounds, "seconds": args.seconds,
+        "gradient_tolerance": GRADIENT_TOLERANCE, "gflop_per_iteration": flops / 1e9 if flops else None,
+        "matmul_gflops": peak,
+        "variants": {name: {
+            "meta_it_per_s": medians[name], "vs_loop": medians[name] / medians[loop],
+            "peak_bytes": memory[name] if measure_memory else None,
+            "memory_vs_loop": memory[name] / memory[loop] if measure_memory else None,
+            "grad_rel_err": errors[name],
+            "gflops": flops * medians[name] / 1e9 if flops else None,
+        } for name in steps},
+    }
 
 
 def convex_table(names: list[str], device: torch.device, args: argparse.Namespace, console: Console) -> None:
@@ -386,11 +428,16 @@ def main() -> None:
                         help="the convex heads' setups (scripts/bench_convex.py has them all)")
     parser.add_argument("--qpth-max-variables", type=int, default=convex.QPTH_MAX_VARIABLES,
                         help="convex: skip qpth above this many dual variables per task")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=2.0, help="per variant per round (at least 2 iterations)")
     parser.add_argument("--omniglot-root", default=None, help="use real Omniglot episodes for the Conv-4")
+    parser.add_argument("--meta-batch", type=int, default=None,
+                        help="tasks per meta-iteration for sine and conv4 (default: the setup's, 25 and 32)")
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write the sine/conv4 figures to PATH")
+    parser.add_argument("--no-memory", dest="memory", action="store_false",
+                        help="skip the peak-memory subprocesses (their columns say 'not measured')")
     parser.add_argument("--probe-memory", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     configure_runtime(args.threads)
@@ -400,11 +447,15 @@ def main() -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device visible to torch")
     console = Console(width=max(200, Console().width))  # the tables stay whole in a log file (qpth's row is wide)
+    figures = {}
     for name in args.setup:
         if name == "convex":
             convex_table(args.convex_setup, device, args, console)
         else:
-            run_setup(SETUPS[name](args), device, args, console)
+            figures[name] = run_setup(make_setup(name, args), device, args, console)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": str(device), "torch": torch.__version__,
+                                               "setups": figures}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
