@@ -5,6 +5,7 @@ parallel episodes (one per task), the same task parameters and random actions; t
     python scripts/bench_rl.py                 # bandit and tabular MDP, 1,000 and 10,000 parallel episodes; RL^2
     python scripts/bench_rl.py --parallel 1000 --threads 2
     python scripts/bench_rl.py --tables train --train-steps 5
+    python scripts/bench_rl.py --tables maml     # MAML for RL on 2D navigation: batched against a per-task loop
 
 Before timing, each pair is checked to give the same distribution: the mean reward of one trial of every task
 under random actions must agree within 4 standard errors. The reference Envs below are written the way a
@@ -17,6 +18,14 @@ trainer's own `fit`: task sampling, the rollout, PPO's minibatch updates, clippi
 model=transformer on bandits n=10 and n=100 (k=5), every other value the YAML default (250 trials a step, GRU 256,
 Transformer 64 x 2). One warm-up step, then `--train-steps` steps timed between the trainer's train log lines, so
 validation, checkpoints and the final test are not counted (the loop is stopped after the last timed step).
+
+The third table is MAML for RL's meta-iteration (Finn et al.'s 2D navigation settings: 20 tasks, 20 trajectories of
+100 steps per task before and after one inner policy-gradient step, policy MLP 100-100): the rollouts and the
+second-order meta-gradient, metarun's (all tasks at once: `updates` + `meta_loss` + backward) against a loop over
+the tasks doing the same rollouts (each task's own seed: the same trajectories) and the same gradients with a
+plain functional_call per task, as pytorch-maml-rl and learn2learn's examples do; the gradients are checked equal
+first. TRPO's step (CG on Fisher products, line search) is timed on top of metarun's, with the chain-rule product
+the trainer uses and with the generic double-backward one.
 """
 
 from __future__ import annotations
@@ -269,14 +278,100 @@ def training_table(args: argparse.Namespace) -> None:
         print(f"{model:<12} {f'bandit n={pulls} k={arms}':<16} {env_steps:>14,} {seconds:>8.2f} {rate:>12,.0f}")
 
 
+def _navigation_maml() -> tuple[Any, Any]:
+    from metarun.algorithms.maml import MAML
+    from metarun.benchmarks.navigation2d import Navigation2DBenchmark
+    from metarun.models.mlp import MLP
+
+    bench = Navigation2DBenchmark()
+    torch.manual_seed(0)
+    return MAML(MLP((2,), hidden=(100, 100)), bench.spec, inner_lr=0.1), bench
+
+
+def _maml_batched(algorithm: Any, batch: EnvBatch) -> list[torch.Tensor]:
+    algorithm.zero_grad()
+    rollouts = next(algorithm.updates(batch))
+    algorithm.meta_loss(rollouts)[0].backward()
+    return [p.grad.clone() for p in algorithm.parameters()]
+
+
+def _maml_loop(algorithm: Any, batch: EnvBatch) -> list[torch.Tensor]:
+    """The per-task reference: one task at a time, rollouts, inner step (create_graph), outer rollouts, backward."""
+    from torch.func import functional_call
+
+    from metarun.rl.maml_rl import phase_batch
+    from metarun.rl.policy_gradient import GaussianPolicy, advantages, collect, per_task_log_std, reinforce_loss
+
+    net, rl = algorithm.net, algorithm.rl
+
+    def policy(params: dict, observations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = functional_call(net, params, (observations,))
+        return mean, per_task_log_std(params["log_std"], mean)
+
+    algorithm.zero_grad()
+    params = dict(net.named_parameters())
+    for t in range(batch.num_tasks):
+        one = batch.slice(t, t + 1)
+        pg = advantages(collect(phase_batch(one, 0).make(rl.rollouts), GaussianPolicy(params, policy=policy)),
+                        gamma=rl.gamma, horizon=rl.horizon)
+        inner = reinforce_loss(params, pg.observations, pg.actions, pg.advantages, pg.valid, policy=policy).sum()
+        grads = torch.autograd.grad(inner, list(params.values()), create_graph=True)
+        fast = {k: v - algorithm.inner_lr * g for (k, v), g in zip(params.items(), grads)}
+        detached = {k: v.detach() for k, v in fast.items()}
+        outer = advantages(collect(phase_batch(one, 1).make(rl.rollouts), GaussianPolicy(detached, policy=policy)),
+                           gamma=rl.gamma, horizon=rl.horizon)
+        loss = reinforce_loss(fast, outer.observations, outer.actions, outer.advantages, outer.valid, policy=policy)
+        (loss.sum() / batch.num_tasks).backward()
+    return [p.grad.clone() for p in algorithm.parameters()]
+
+
+def maml_table(args: argparse.Namespace) -> None:
+    """MAML for RL meta-iterations/s, batched against the per-task loop (and TRPO's step on top)."""
+    from metarun.rl.trpo import TRPO
+
+    algorithm, bench = _navigation_maml()
+    batch = bench.sample("train", 20, torch.Generator().manual_seed(0))
+    ours, theirs = _maml_batched(algorithm, batch), _maml_loop(algorithm, batch)
+    error = max(float((a - b).norm() / b.norm()) for a, b in zip(ours, theirs))
+    assert error < 1e-4, f"the batched and looped meta-gradients differ ({error:.1e})"
+    times: dict[str, list[float]] = {"metarun (batched)": [], "per-task loop": [], "TRPO step, chain-rule F v": [],
+                                     "TRPO step, double-backward F v": []}
+    for _ in range(args.rounds):
+        for name, run in (("metarun (batched)", _maml_batched), ("per-task loop", _maml_loop)):
+            start = time.perf_counter()
+            run(algorithm, batch)
+            times[name].append(time.perf_counter() - start)
+        rollouts = next(algorithm.updates(batch))
+        state = {k: v.clone() for k, v in algorithm.state_dict().items()}
+        for name, chain in (("TRPO step, chain-rule F v", True), ("TRPO step, double-backward F v", False)):
+            algorithm.load_state_dict(state)
+            algorithm.zero_grad()
+            algorithm.meta_loss(rollouts)[0].backward()
+            optimizer = TRPO(algorithm.parameters())
+            start = time.perf_counter()
+            optimizer.step(functools.partial(algorithm.trust_region_terms, rollouts),
+                           functools.partial(algorithm.fisher_vector_product, rollouts) if chain else None)
+            times[name].append(time.perf_counter() - start)
+        algorithm.load_state_dict(state)
+    loop = statistics.median(times["per-task loop"])
+    print(f"\nMAML for RL, 2D navigation (20 tasks x 20 trajectories x 100 steps, before and after one inner step; "
+          f"MLP 100-100, second order), median of {args.rounds} alternating rounds, torch threads={args.threads}; "
+          f"meta-gradients equal to {error:.1e} (relative); timing is only meaningful on an idle machine")
+    print(f"{'variant':<34} {'s/iteration':>12} {'iterations/s':>13} {'vs loop':>8}")
+    for name, values in times.items():
+        seconds = statistics.median(values)
+        ratio = f"{loop / seconds:.2f}x" if not name.startswith("TRPO") else "-"
+        print(f"{name:<34} {seconds:>12.3f} {1 / seconds:>13.3f} {ratio:>8}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parallel", type=int, nargs="+", default=[1000, 10000], help="parallel episodes")
     parser.add_argument("--threads", type=int, default=1, help="PyTorch threads (1: fair to single-threaded gym)")
     parser.add_argument("--seconds", type=float, default=1.0, help="timed seconds per measurement and round")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of each; medians reported")
-    parser.add_argument("--tables", nargs="+", choices=("env", "train"), default=["env", "train"],
-                        help="env: environments against Gymnasium; train: RL^2's training rate")
+    parser.add_argument("--tables", nargs="+", choices=("env", "train", "maml"), default=["env", "train", "maml"],
+                        help="env: environments against Gymnasium; train: RL^2's training rate; maml: MAML for RL")
     parser.add_argument("--train-steps", type=int, default=3, help="timed RL^2 training steps (after one warm-up)")
     parser.add_argument("--device", default="cpu", help="device of the RL^2 training table")
     args = parser.parse_args()
@@ -286,6 +381,8 @@ def main() -> None:
         environment_table(args)
     if "train" in args.tables:
         training_table(args)
+    if "maml" in args.tables:
+        maml_table(args)
 
 
 if __name__ == "__main__":

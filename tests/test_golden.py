@@ -78,6 +78,16 @@ CASES: dict[str, list[str]] = {
     "baseline-bandit-gittins": ["algo=baseline", "algo.policy=gittins", "benchmark=bandit", "trainer.steps=0"],
     "baseline-mdp-psrl": ["algo=baseline", "algo.policy=psrl", "benchmark=tabular_mdp", "benchmark.episodes=3",
                           "trainer.steps=0"],
+    # MAML for RL: rollouts from the task seeds, second-order policy-gradient adaptation, TRPO's CG and line search
+    "maml-navigation2d-mlp-trpo": ["algo=maml", "benchmark=navigation2d", "benchmark.horizon=10", "model=mlp",
+                                   "model.hidden=[8]", "algo.rollouts=2", "algo.inner_lr=0.1",
+                                   "algo.eval_inner_steps=2", "trainer/optimizer=trpo",
+                                   # the line search starts at half the step (KL ~ max_kl / 4): the full step lands
+                                   # on the KL limit by construction, where rounding could flip accept / reject
+                                   "trainer.optimizer.lr=0.5"],
+    # MMAML (set-attention task encoder, FiLM) and its Multi-MAML oracle on the multimodal regression tasks
+    "mmaml-multimodal-mlp": ["algo=mmaml", "benchmark=multimodal", "model=mlp"],
+    "mmaml-multimodal-mlp-oracle": ["algo=mmaml", "algo.oracle=true", "benchmark=multimodal", "model=mlp"],
 }
 
 
