@@ -36,7 +36,8 @@ OMNIGLOT_TINY = ["benchmark.image_size=28", "benchmark.queries=2"]  # 28: the Vi
 COMMON = ["debug=smoke", "logger.tensorboard=false", "logger.console=false"]
 # Presets without a published figure: our own settings, or a protocol whose paper prints no number (maml_sine:
 # Finn et al.'s sine results are a plot). They carry `reference:`, never `paper:`.
-WITHOUT_PUBLISHED_FIGURE = {"incontext_sine", "maml_sine", "maml_transformer_omniglot", "maml_transformer_sine",
+WITHOUT_PUBLISHED_FIGURE = {*(f"{a}_multimodal_{m}modes" for a in ("maml", "mmaml") for m in (2, 3, 5)),
+                            "incontext_sine", "maml_sine", "maml_transformer_omniglot", "maml_transformer_sine",
                             "siamese_omniglot_5w1s"}
 # A published figure's source: authors, year, table (or figure), e.g. "Snell et al. 2017, Table 1".
 # Presets whose episodes the shared tiny fixture cannot give (Koch's: 105x105 images, 20-way tasks within one
