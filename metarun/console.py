@@ -18,7 +18,10 @@ error_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 def print_error(message: str) -> None:
     """The one line a bad input gets."""
-    error_console.print(f"[bold red]metarun: error:[/] {message}", markup=True)
+    from rich.markup import escape
+
+    # escaped: a message naming `pip install ".[rl]"` or "gymnasium[mujoco]" must keep its brackets
+    error_console.print(f"[bold red]metarun: error:[/] {escape(message)}", markup=True)
     sys.stderr.flush()
 
 

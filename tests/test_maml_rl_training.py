@@ -292,3 +292,47 @@ def test_trpo_takes_its_defaults_from_its_option_file() -> None:
 
     signature = {k: p.default for k, p in inspect.signature(TRPO).parameters.items() if k != "params"}
     assert signature == dict(option_defaults("trainer/optimizer", "trpo"))
+
+
+# -- Gymnasium tasks with continuous actions ------------------------------------------------------------------
+
+def test_task_rewards_by_hand() -> None:
+    import numpy as np
+
+    from metarun.rl.gym_env import task_reward
+
+    velocity, actions = np.array([1.5, -0.5, 2.0]), np.array([[0.2, -0.4], [1.0, 0.0], [0.0, 0.0]])
+    control = 0.05 * np.array([0.2, 1.0, 0.0])
+    np.testing.assert_allclose(task_reward("forward_velocity", np.array([1.0, 0.5, 2.0]), velocity, actions),
+                               [-0.5 - control[0], -1.0 - control[1], 0.0])
+    np.testing.assert_allclose(task_reward("direction", np.array([0.3, -0.7, -0.1]), velocity, actions),
+                               [1.5 - control[0], 0.5 - control[1], -2.0])
+
+
+def test_maml_trains_on_a_continuous_gymnasium_task(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pendulum-v1 (a Box action in [-2, 2]), the task its gravity: MAML's rollouts through Gymnasium's vector API."""
+    pytest.importorskip("gymnasium")
+    from metarun.benchmarks.gym import GymBenchmark
+
+    bench = GymBenchmark(env_id="Pendulum-v1", task_parameter="g", task_range=(5.0, 15.0), horizon=6, episodes=1)
+    assert bench.spec.continuous_actions and bench.spec.output_size == 1 and bench.spec.input_shape == (3,)
+    env = bench.sample("train", 2, torch.Generator().manual_seed(0)).make(3)
+    env.reset()
+    assert env.active().shape == (2, 3) and env.action_size == 1 and env.num_actions == 0
+    _, reward, _ = env.step(torch.full((2, 3, 1), 50.0))  # clipped to the space's bound 2: a finite reward
+    assert reward.shape == (2, 3) and torch.isfinite(reward).all()
+    overrides = ["algo=maml", "benchmark=gym", "benchmark.env_id=Pendulum-v1", "benchmark.task_parameter=g",
+                 "benchmark.task_range=[5,15]", "benchmark.horizon=6", "benchmark.episodes=1", "model=mlp",
+                 "model.hidden=[8]", "algo.rollouts=2", "algo.eval_inner_steps=1", "trainer/optimizer=trpo",
+                 "debug=smoke", "logger.console=false", "logger.tensorboard=false", "threads=1", "device=cpu"]
+    results = _train_in_process(tmp_path / "pendulum", overrides, monkeypatch)
+    assert results["metric"] == "return" and {"return@0", "return@1"} <= set(results["metrics"])
+    assert "regret" not in results["metrics"]  # the optimum of a Gymnasium task is not known
+
+
+def test_gym_task_reward_must_be_known() -> None:
+    pytest.importorskip("gymnasium")
+    from metarun.benchmarks.gym import GymBenchmark
+
+    with pytest.raises(UserInputError, match=r"^benchmark.task_reward must be null or one of forward_velocity, "):
+        GymBenchmark(env_id="Pendulum-v1", task_parameter="g", task_range=(5.0, 15.0), task_reward="speed")

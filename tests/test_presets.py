@@ -43,6 +43,9 @@ WITHOUT_PUBLISHED_FIGURE = {*(f"{a}_multimodal_{m}modes" for a in ("maml", "mmam
 # Presets whose episodes the shared tiny fixture cannot give (Koch's: 105x105 images, 20-way tasks within one
 # alphabet): each runs on a fixture of its own in its algorithm's tests (tests/test_siamese.py).
 OWN_FIXTURE = {"siamese_omniglot_koch"}
+# Finn et al.'s HalfCheetah tasks need MuJoCo (pip install "gymnasium[mujoco]"): run where it installs, else the
+# one line the run stops with is checked and the smoke run is skipped with that reason
+NEEDS_MUJOCO = {"maml_halfcheetah_vel", "maml_halfcheetah_dir"}
 PAPER_SOURCE = re.compile(r"^[A-Z][A-Za-z&. ]+ (et al\. )?\d{4}, (Table|Figure) \d+\b")
 
 
@@ -120,7 +123,7 @@ def smoke_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[int,
     }
     groups: dict[str, list[str]] = {}
     for preset in PRESETS:
-        if preset not in OWN_FIXTURE:
+        if preset not in OWN_FIXTURE | NEEDS_MUJOCO:
             groups.setdefault(benchmark_of(preset), []).append(preset)
     env = {"METARUN_CACHE": str(work / "cache"), "OMP_NUM_THREADS": "1"}
     # benchmark= given too: the sweep's overrides (benchmark.image_size) must fit before an experiment is chosen
@@ -138,7 +141,24 @@ def smoke_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[int,
     return out
 
 
-@pytest.mark.parametrize("preset", sorted(set(PRESETS) - OWN_FIXTURE))
+@pytest.mark.parametrize("preset", sorted(NEEDS_MUJOCO))
+def test_mujoco_preset_runs_or_says_what_to_install(preset: str, tmp_path: Path) -> None:
+    smoke = ["debug=smoke", "benchmark.horizon=5", "algo.rollouts=2", "algo.eval_inner_steps=1",
+             "logger.console=false", "logger.tensorboard=false", f"hydra.run.dir={tmp_path / 'run'}"]
+    proc = run_metarun("train", f"experiment={preset}", *smoke, cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    try:
+        import mujoco  # noqa: F401
+    except ImportError:
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert proc.returncode == 2 and len(lines) == 1 and "MuJoCo is not installed" in lines[0], proc.stderr
+        pytest.skip(f"{preset}: MuJoCo is not installed here ({lines[0].split(': ', 2)[-1]}); the preset composes "
+                    f"and stops with that one line")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert report["metric"] == "return" and math.isfinite(report["mean"]) and "return@1" in report["metrics"]
+
+
+@pytest.mark.parametrize("preset", sorted(set(PRESETS) - OWN_FIXTURE - NEEDS_MUJOCO))
 def test_preset_trains_and_tests_on_a_fixture(preset: str, smoke_runs: dict[str, tuple[int, str, Path]]) -> None:
     returncode, stderr, run_dir = smoke_runs[preset]
     results = run_dir / "results.json"
