@@ -10,6 +10,7 @@ from typing import Literal, Protocol
 import torch
 
 from metarun.episodes import TaskBatch
+from metarun.errors import UserInputError
 from metarun.rl.envs import EnvBatch
 from metarun.stats import higher_is_better
 
@@ -101,3 +102,11 @@ def task_pool(benchmark: Benchmark, split: str, num_tasks: int, base_seed: int) 
     for chunk, start in enumerate(range(0, num_tasks, POOL_CHUNK)):
         generator = torch.Generator().manual_seed(pool_seed(base_seed, split, chunk))
         yield benchmark.sample(split, min(POOL_CHUNK, num_tasks - start), generator)
+
+
+def check_positive(**options: int) -> None:
+    """One line for the first option below 1 (`benchmark.<name> must be a positive integer`): every benchmark's
+    episode shape and sizes."""
+    for name, value in options.items():
+        if value < 1:
+            raise UserInputError(f"benchmark.{name} must be a positive integer (got {value})")

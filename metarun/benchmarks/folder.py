@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from metarun.benchmarks.augment import Augmentation
-from metarun.benchmarks.base import SPLITS, TaskSpec
+from metarun.benchmarks.base import SPLITS, TaskSpec, check_positive
 from metarun.benchmarks.decode import DecodeError, ImageRef, Preprocess, decode_into
 from metarun.benchmarks.layouts import FolderSource, detect
 from metarun.benchmarks.sampler import EpisodeSampler, SamplerBackedBenchmark
@@ -68,9 +68,7 @@ class FolderBenchmark(SamplerBackedBenchmark):
     ) -> None:
         from metarun.console import console
 
-        for name, value in (("ways", ways), ("shots", shots), ("queries", queries), ("image_size", image_size)):
-            if value < 1:
-                raise UserInputError(f"benchmark.{name} must be a positive integer (got {value})")
+        check_positive(ways=ways, shots=shots, queries=queries, image_size=image_size)
         if channels not in (1, 3):
             raise UserInputError(f"benchmark.channels must be 1 (grey) or 3 (RGB) (got {channels})")
         if min_examples not in MIN_EXAMPLES:

@@ -17,7 +17,7 @@ from PIL import Image
 from torch import Tensor
 
 from metarun.benchmarks.augment import Augmentation
-from metarun.benchmarks.base import SPLITS, TaskSpec
+from metarun.benchmarks.base import SPLITS, TaskSpec, check_positive
 from metarun.benchmarks.decode import DecodeError, Preprocess, decode_all, to_array
 from metarun.benchmarks.miniimagenet_source import MiniSource, detect, image_classes, pickle_classes
 from metarun.benchmarks.sampler import EpisodeSampler, SamplerBackedBenchmark
@@ -45,9 +45,7 @@ class MiniImageNetBenchmark(SamplerBackedBenchmark):
     ) -> None:
         from metarun.console import console
 
-        for name, value in (("ways", ways), ("shots", shots), ("queries", queries), ("image_size", image_size)):
-            if value < 1:
-                raise UserInputError(f"benchmark.{name} must be a positive integer (got {value})")
+        check_positive(ways=ways, shots=shots, queries=queries, image_size=image_size)
         started = time.perf_counter()
         source = detect(root)
         prep = Preprocess(size=image_size, mode="RGB", invert=False)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from metarun.benchmarks.base import SPLITS, Benchmark, TaskSpec
+from metarun.benchmarks.base import SPLITS, Benchmark, TaskSpec, check_positive
 from metarun.defaults import option_defaults
 from metarun.episodes import TaskBatch
 from metarun.errors import UserInputError, closest
@@ -122,9 +122,7 @@ class MultimodalBenchmark(Benchmark):
         if ways != 1:
             raise UserInputError(f"benchmark=multimodal is regression with one output, so benchmark.ways must be 1 "
                                  f"(got {ways})")
-        for name, value in (("shots", shots), ("queries", queries)):
-            if value < 1:
-                raise UserInputError(f"benchmark.{name} must be a positive integer (got {value})")
+        check_positive(shots=shots, queries=queries)
         if noise_std < 0:
             raise UserInputError(f"benchmark.noise_std must be >= 0 (got {noise_std})")
         modes = [str(m) for m in modes]

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from metarun.benchmarks.augment import Augmentation
-from metarun.benchmarks.base import SPLITS, TaskSpec
+from metarun.benchmarks.base import SPLITS, TaskSpec, check_positive
 from metarun.benchmarks.decode import DecodeError, Preprocess, decode_all
 from metarun.benchmarks.omniglot_source import OmniglotSource, Split, check_archive, locate, make_split
 from metarun.benchmarks.sampler import EpisodeSampler, SamplerBackedBenchmark
@@ -53,9 +53,7 @@ class OmniglotBenchmark(SamplerBackedBenchmark):
     ) -> None:
         from metarun.console import console
 
-        for name, value in (("ways", ways), ("shots", shots), ("queries", queries), ("image_size", image_size)):
-            if value < 1:
-                raise UserInputError(f"benchmark.{name} must be a positive integer (got {value})")
+        check_positive(ways=ways, shots=shots, queries=queries, image_size=image_size)
         started = time.perf_counter()
         rotations = tuple(int(r) for r in rotations)
         source = locate(root)

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import torch
 
-from metarun.benchmarks.base import SPLITS, Benchmark, TaskSpec
+from metarun.benchmarks.base import SPLITS, Benchmark, TaskSpec, check_positive
 from metarun.defaults import option_defaults
 from metarun.episodes import TaskBatch
 from metarun.errors import UserInputError
@@ -33,9 +33,7 @@ class SineBenchmark(Benchmark):
     ) -> None:
         if ways != 1:
             raise UserInputError(f"benchmark=sine is regression with one output, so benchmark.ways must be 1 (got {ways})")
-        for name, value in (("shots", shots), ("queries", queries)):
-            if value < 1:
-                raise UserInputError(f"benchmark.{name} must be a positive integer (got {value})")
+        check_positive(shots=shots, queries=queries)
         self.amplitude = (float(amplitude[0]), float(amplitude[1]))
         self.phase = (float(phase[0]), float(phase[1]))
         self.x_range = (float(x_range[0]), float(x_range[1]))
