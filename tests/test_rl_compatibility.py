@@ -9,6 +9,7 @@ exit-2 path of the CLI for them is pinned by the few CLI runs below and in tests
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import get_class
+from omegaconf import OmegaConf
 
 from metarun.config import config_dir, validate
 from metarun.errors import UserInputError
@@ -34,6 +36,12 @@ SMALL = {"bandit": ["benchmark.pulls=4"], "tabular_mdp": ["benchmark.episodes=2"
 
 
 def _config(algo: str, model: str, benchmark: str, *extra: str):  # type: ignore[no-untyped-def]
+    """A fresh copy of the composed config (composing costs ~0.1 s; the matrix asks for each one several times)."""
+    return OmegaConf.create(_composed(algo, model, benchmark, *extra))
+
+
+@functools.cache
+def _composed(algo: str, model: str, benchmark: str, *extra: str):  # type: ignore[no-untyped-def]
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(ROOT), version_base="1.3"):
         cfg = compose(config_name="train", overrides=[f"algo={algo}", f"model={model}", f"benchmark={benchmark}",

@@ -41,8 +41,8 @@ def load_matplotlib() -> None:
     try:
         import matplotlib
     except ImportError:
-        # print_error renders rich markup, in which `[plot]` would be a style tag and vanish
-        raise UserInputError(INSTALL_HINT.replace("[", "\\[")) from None
+        # print_error escapes rich markup, so `[plot]` is printed as written
+        raise UserInputError(INSTALL_HINT) from None
     matplotlib.use("Agg", force=True)
     matplotlib.rcParams.update(PAPER_STYLE)
 
