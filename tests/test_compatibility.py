@@ -8,16 +8,20 @@ Which outcome to expect comes from the classes themselves (an algorithm's `suppo
 `accepts`), as run.py decides it, so the test pins both the successes and the one-line refusals.
 
 Speed: a process spends seconds importing torch before it does anything, so the combinations that
-should train run as one Hydra multirun (`-m`) per benchmark and model list, and only the refusals get a
-process each (a multirun stops at the first job that exits 2). Processes run a few at a time, one
-thread each, started together by a module fixture; each combination is then its own test.
+should train run as one Hydra multirun (`-m`) per benchmark and model list, and the refusals (a multirun
+stops at the first job that exits 2) run one after another through `metarun.cli.main` in one process
+(tests/cli_batch.py: 43 refusals took ~100 s as a process each on 2 cores). Processes run a few at a
+time, one thread each, started together by a module fixture; each combination is then its own test.
+Refusals in a process of their own are pinned by the algorithms' tests (e.g. tests/test_feat.py).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,12 +95,33 @@ class Outcomes:
     run_dirs: dict[tuple[str, str, str], Path] = field(default_factory=dict)
 
 
-def _run_all(jobs: list[Job], cwd: Path, env: dict[str, str]) -> None:
-    """Run the jobs MAX_PARALLEL at a time (in list order), collecting their output."""
+def _start_batch(refusals: list[Job], cwd: Path, env: dict[str, str]) -> subprocess.Popen[str]:
+    """The refusals' command lines, run in one process by tests/cli_batch.py (input written at once)."""
+    full_env = {**os.environ, "COLUMNS": "200", "PYTHONPATH": str(Path(__file__).resolve().parent.parent), **env}
+    full_env.pop("HYDRA_FULL_ERROR", None)
+    proc = subprocess.Popen([sys.executable, "-m", "tests.cli_batch"], cwd=cwd, env=full_env, text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdin is not None
+    proc.stdin.write(json.dumps([job.args for job in refusals]))
+    proc.stdin.close()
+    return proc
+
+
+def _finish_batch(proc: subprocess.Popen[str], refusals: list[Job]) -> None:
+    assert proc.stdout is not None and proc.stderr is not None
+    stdout, stderr = proc.stdout.read(), proc.stderr.read()
+    proc.wait(timeout=DEADLINE_S)
+    assert proc.returncode == 0, f"tests/cli_batch.py exited {proc.returncode}:\n{stderr[-3000:]}"
+    for job, result in zip(refusals, json.loads(stdout), strict=True):
+        job.returncode, job.stdout, job.stderr = result["returncode"], result["stdout"], result["stderr"]
+
+
+def _run_all(jobs: list[Job], cwd: Path, env: dict[str, str], slots: int = MAX_PARALLEL) -> None:
+    """Run the jobs `slots` at a time (in list order), collecting their output."""
     pending, running = list(jobs), []
     deadline = time.monotonic() + DEADLINE_S
     while pending or running:
-        while pending and len(running) < MAX_PARALLEL:
+        while pending and len(running) < slots:
             job = pending.pop(0)
             job.started = time.monotonic()
             job.proc = start_metarun(*job.args, cwd=cwd, env=env)
@@ -147,7 +172,9 @@ def outcomes(tmp_path_factory: pytest.TempPathFactory) -> Outcomes:
                              f"hydra.sweep.dir={sweep_dir}"],
                             [(a, m, benchmark) for m in models for a in algos]))
     env = {"METARUN_CACHE": str(work / "cache"), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    _run_all(jobs + refusals, work, env)  # the long multiruns first
+    batch = _start_batch(refusals, work, env)  # one slot: beside the multiruns
+    _run_all(jobs, work, env, slots=MAX_PARALLEL - 1)
+    _finish_batch(batch, refusals)
     for job in jobs + refusals:
         for combination in job.combinations:
             out.jobs[combination] = job
