@@ -10,7 +10,7 @@ Which outcome to expect comes from the classes themselves (an algorithm's `suppo
 Speed: a process spends seconds importing torch before it does anything, so the combinations that
 should train run as one Hydra multirun (`-m`) per benchmark and model list, and the refusals (a multirun
 stops at the first job that exits 2) run one after another through `metarun.cli.main` in one process
-(tests/cli_batch.py: 43 refusals took ~100 s as a process each on 2 cores). Processes run a few at a
+(tests/cli_batch.py: with a process per refusal this file took 147 s on 2 cores, 61 s so). Processes run a few at a
 time, one thread each, started together by a module fixture; each combination is then its own test.
 Refusals in a process of their own are pinned by the algorithms' tests (e.g. tests/test_feat.py).
 """
