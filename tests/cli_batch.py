@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from metarun.cli import main
+from tests.image_fixtures import metarun_env
 
 
 def run(argv: list[str]) -> dict[str, object]:
@@ -32,15 +33,34 @@ def run(argv: list[str]) -> dict[str, object]:
     return {"returncode": returncode, "stdout": out.getvalue(), "stderr": err.getvalue()}
 
 
-def run_in_one_process(argvs: list[list[str]], cwd: Path, timeout: float = 600) -> list[subprocess.CompletedProcess[str]]:
-    """The command lines run by this driver in one fresh interpreter, each as a CompletedProcess."""
-    env = {**os.environ, "COLUMNS": "200", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    env.pop("HYDRA_FULL_ERROR", None)
-    proc = subprocess.run([sys.executable, "-m", "tests.cli_batch"], input=json.dumps(argvs), cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"tests/cli_batch.py exited {proc.returncode}:\n{proc.stderr[-3000:]}"
+def start_in_one_process(argvs: list[list[str]], cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """Start this driver on the command lines without waiting (so it can run beside other processes); the
+    environment is `metarun`'s in the tests (tests/image_fixtures.metarun_env) with the project root importable."""
+    root = str(Path(__file__).resolve().parent.parent)
+    full_env = metarun_env(env)
+    full_env["PYTHONPATH"] = os.pathsep.join(p for p in (root, full_env.get("PYTHONPATH")) if p)
+    proc = subprocess.Popen([sys.executable, "-m", "tests.cli_batch"], cwd=cwd, env=full_env, text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdin is not None
+    proc.stdin.write(json.dumps(argvs))  # read whole by the driver before it runs anything
+    proc.stdin.close()
+    proc.stdin = None  # written and closed: communicate() must not flush it
+    return proc
+
+
+def finish_in_one_process(proc: subprocess.Popen[str], argvs: list[list[str]],
+                          timeout: float = 600) -> list[subprocess.CompletedProcess[str]]:
+    """Wait for a started driver: each command line's outcome, as if it had run as a process of its own."""
+    stdout, stderr = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, f"tests/cli_batch.py exited {proc.returncode}:\n{stderr[-3000:]}"
     return [subprocess.CompletedProcess(["metarun", *argv], r["returncode"], r["stdout"], r["stderr"])
-            for argv, r in zip(argvs, json.loads(proc.stdout), strict=True)]
+            for argv, r in zip(argvs, json.loads(stdout), strict=True)]
+
+
+def run_in_one_process(argvs: list[list[str]], cwd: Path, env: dict[str, str] | None = None,
+                       timeout: float = 600) -> list[subprocess.CompletedProcess[str]]:
+    """The command lines run by this driver in one fresh interpreter, each as a CompletedProcess."""
+    return finish_in_one_process(start_in_one_process(argvs, cwd, env), argvs, timeout)
 
 
 if __name__ == "__main__":

@@ -196,11 +196,16 @@ def metarun_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "metarun"]
 
 
-def start_metarun(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    """Start `metarun ...` without waiting, so independent slow runs overlap."""
+def metarun_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment a test's `metarun` runs in: this one, wide lines, one-line errors (no HYDRA_FULL_ERROR)."""
     full_env = {**os.environ, "COLUMNS": "200", **(env or {})}
     full_env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.Popen([*metarun_command(), *args], cwd=cwd, env=full_env, text=True,
+    return full_env
+
+
+def start_metarun(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """Start `metarun ...` without waiting, so independent slow runs overlap."""
+    return subprocess.Popen([*metarun_command(), *args], cwd=cwd, env=metarun_env(env), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 

@@ -10,7 +10,8 @@ Which outcome to expect comes from the classes themselves (an algorithm's `suppo
 Speed: a process spends seconds importing torch before it does anything, so the combinations that
 should train run as one Hydra multirun (`-m`) per benchmark and model list, and the refusals (a multirun
 stops at the first job that exits 2) run one after another through `metarun.cli.main` in one process
-(tests/cli_batch.py: with a process per refusal this file took 147 s on 2 cores, 61 s so). Processes run a few at a
+(tests/cli_batch.py: in the whole suite on 2 cores, this file's fixture took 144 s with a process per
+refusal and 82 s so). Processes run a few at a
 time, one thread each, started together by a module fixture; each combination is then its own test.
 Refusals in a process of their own are pinned by the algorithms' tests (e.g. tests/test_feat.py).
 """
@@ -19,9 +20,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ from hydra.utils import get_class
 from omegaconf import OmegaConf
 
 from metarun.config import config_dir
+from tests.cli_batch import finish_in_one_process, start_in_one_process
 from tests.image_fixtures import EVALUATION, mini_cache_pickles, omniglot_tree, start_metarun
 
 ROOT = config_dir()
@@ -95,27 +95,6 @@ class Outcomes:
     run_dirs: dict[tuple[str, str, str], Path] = field(default_factory=dict)
 
 
-def _start_batch(refusals: list[Job], cwd: Path, env: dict[str, str]) -> subprocess.Popen[str]:
-    """The refusals' command lines, run in one process by tests/cli_batch.py (input written at once)."""
-    full_env = {**os.environ, "COLUMNS": "200", "PYTHONPATH": str(Path(__file__).resolve().parent.parent), **env}
-    full_env.pop("HYDRA_FULL_ERROR", None)
-    proc = subprocess.Popen([sys.executable, "-m", "tests.cli_batch"], cwd=cwd, env=full_env, text=True,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert proc.stdin is not None
-    proc.stdin.write(json.dumps([job.args for job in refusals]))
-    proc.stdin.close()
-    return proc
-
-
-def _finish_batch(proc: subprocess.Popen[str], refusals: list[Job]) -> None:
-    assert proc.stdout is not None and proc.stderr is not None
-    stdout, stderr = proc.stdout.read(), proc.stderr.read()
-    proc.wait(timeout=DEADLINE_S)
-    assert proc.returncode == 0, f"tests/cli_batch.py exited {proc.returncode}:\n{stderr[-3000:]}"
-    for job, result in zip(refusals, json.loads(stdout), strict=True):
-        job.returncode, job.stdout, job.stderr = result["returncode"], result["stdout"], result["stderr"]
-
-
 def _run_all(jobs: list[Job], cwd: Path, env: dict[str, str], slots: int = MAX_PARALLEL) -> None:
     """Run the jobs `slots` at a time (in list order), collecting their output."""
     pending, running = list(jobs), []
@@ -172,9 +151,11 @@ def outcomes(tmp_path_factory: pytest.TempPathFactory) -> Outcomes:
                              f"hydra.sweep.dir={sweep_dir}"],
                             [(a, m, benchmark) for m in models for a in algos]))
     env = {"METARUN_CACHE": str(work / "cache"), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    batch = _start_batch(refusals, work, env)  # one slot: beside the multiruns
+    refusal_args = [job.args for job in refusals]
+    batch = start_in_one_process(refusal_args, work, env)  # one slot: beside the multiruns
     _run_all(jobs, work, env, slots=MAX_PARALLEL - 1)
-    _finish_batch(batch, refusals)
+    for job, done in zip(refusals, finish_in_one_process(batch, refusal_args, timeout=DEADLINE_S), strict=True):
+        job.returncode, job.stdout, job.stderr = done.returncode, done.stdout, done.stderr
     for job in jobs + refusals:
         for combination in job.combinations:
             out.jobs[combination] = job
