@@ -55,7 +55,9 @@ class TrainerSettings:
     eval_batch_size: int
     pool_seed: int
     checkpoint_every: int
-    grad_clip: Optional[float]
+    grad_clip: Optional[float]  # max gradient norm: global, or each tensor's with grad_clip_per_tensor
+    grad_clip_per_tensor: bool
+    grad_clip_value: Optional[float]  # clip each gradient entry to [-v, v] first (LEO's code: 0.1)
     task_chunk: Optional[int]  # tasks per forward/backward; None: auto (metarun/runtime.py)
     on_nan: str  # "stop": one-line error naming the step; "skip": drop the batch and count it
 
@@ -122,6 +124,10 @@ def validate(cfg: DictConfig) -> DictConfig:
             typed.trainer[name] = _check_target_node(node, f"trainer.{name}")
     if typed.trainer.on_nan not in ("stop", "skip"):
         raise UserInputError(f"trainer.on_nan must be 'stop' or 'skip' (got '{typed.trainer.on_nan}')")
+    for key in ("grad_clip", "grad_clip_value"):
+        value = typed.trainer[key]
+        if value is not None and not value > 0:
+            raise UserInputError(f"trainer.{key} must be positive or null for no clipping (got {value})")
     if typed.threads is not None and typed.threads < 1:
         raise UserInputError(f"threads must be a positive integer or null (got {typed.threads})")
     if typed.device not in DEVICES:

@@ -76,6 +76,9 @@ class EpisodicTrainer:
         self.algorithm_generator = algorithm_generator
         # An algorithm may meta-train on another episode shape than it is tested on (ProtoNet: 60-way Omniglot).
         self.train_episode: dict[str, int] = dict(algorithm.train_episode())
+        # a backbone whose parameters are all frozen keeps its normalisation statistics too (Backbone protocol)
+        backbone_params = list(algorithm.backbone.parameters())  # type: ignore[attr-defined]
+        self._backbone_trains = not backbone_params or any(p.requires_grad for p in backbone_params)
         self.metric = benchmark.spec.metric
         self.higher_is_better = benchmark.spec.higher_is_better
         self.step = 0
@@ -183,8 +186,9 @@ class EpisodicTrainer:
                 updates.close()
                 self._on_nonfinite(float(loss), float(grad_norm))
                 return None
-            if not norms:
-                # normalisation statistics (model.bn=inductive) move once per step, from the step's tasks
+            if not norms and self._backbone_trains:
+                # normalisation statistics (model.bn=inductive) move once per step, from the step's tasks; a
+                # frozen backbone (every parameter requires_grad False: LEO on a pre-trained one) keeps its own
                 self.algorithm.backbone.update_running_stats(*batch.normalisation_inputs())
             if isinstance(self.optimizer, TrustRegionOptimizer):  # TRPO re-evaluates the objective (rl/trpo.py)
                 self.optimizer.step(functools.partial(self.algorithm.trust_region_terms, part),
@@ -220,11 +224,22 @@ class EpisodicTrainer:
         return total, sums
 
     def _grad_norm(self) -> torch.Tensor:
-        """Global gradient norm (clipped to grad_clip when set): logged, and checked for NaN/inf."""
+        """Global gradient norm before clipping: logged, and checked for NaN/inf. Then the clipping asked for:
+        each entry to [-grad_clip_value, grad_clip_value] first (when set), then the norm to grad_clip (when
+        set): the global norm, or each tensor's own with grad_clip_per_tensor (LEO's code clips both ways)."""
         params = [p for p in self.algorithm.parameters() if p.grad is not None]
-        if self.s.grad_clip is not None:
+        if self.s.grad_clip_value is None and self.s.grad_clip is not None and not self.s.grad_clip_per_tensor:
             return torch.nn.utils.clip_grad_norm_(params, self.s.grad_clip)
-        return torch.nn.utils.get_total_norm([p.grad for p in params])
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if self.s.grad_clip_value is not None:
+            torch.nn.utils.clip_grad_value_(params, self.s.grad_clip_value)
+        if self.s.grad_clip is not None:
+            if self.s.grad_clip_per_tensor:
+                for p in params:
+                    torch.nn.utils.clip_grad_norm_([p], self.s.grad_clip)
+            else:
+                torch.nn.utils.clip_grad_norm_(params, self.s.grad_clip)
+        return norm
 
     def _on_nonfinite(self, loss: float, grad_norm: float) -> None:
         """NaN/inf in the loss or gradients: stop with one line, or skip the batch (trainer.on_nan=skip)."""

@@ -21,6 +21,7 @@ CASES = {
     "zero meta-batch": (["trainer.meta_batch_size=0"], "trainer.meta_batch_size"),
     "sweep without -m": (["seed=0,1"], "add -m"),
     "bad device": (["device=tpu"], "device must be one of"),
+    "zero gradient clip": (["trainer.grad_clip_value=0"], "trainer.grad_clip_value must be positive or null"),
     "bad override syntax": (["trainer.steps=[1"], "cannot parse"),
 }
 

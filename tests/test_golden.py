@@ -68,6 +68,9 @@ CASES: dict[str, list[str]] = {
     "siamese-omniglot-cnn-augment": ["algo=siamese", *OMNIGLOT, "+benchmark.augment={rotation: 10, shear: 0.3, "
                                      "scale: [0.8, 1.2], translation: 2, probability: 0.5}"],
     # the convex heads: the SVM dual (interior point, implicit gradients) and ridge regression's closed form
+    # LEO: encoder, relation net, sampled codes and weights, latent steps, fine-tuning; its pair file's clipping
+    # by value and then per tensor (trainer.grad_clip_value, trainer.grad_clip_per_tensor)
+    "leo-omniglot-cnn": ["algo=leo", *OMNIGLOT],
     "metaoptnet-omniglot-cnn": ["algo=metaoptnet", *OMNIGLOT],
     "metaoptnet-omniglot-cnn-ridge": ["algo=metaoptnet", *OMNIGLOT, "algo.head=ridge"],
     "r2d2-omniglot-cnn": ["algo=r2d2", *OMNIGLOT],

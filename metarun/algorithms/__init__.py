@@ -7,6 +7,7 @@ The public Python API: build a backbone from a benchmark's spec, an algorithm fr
 from metarun.algorithms.base import MetaAlgorithm
 from metarun.algorithms.feat import FEAT
 from metarun.algorithms.incontext import InContextLearner
+from metarun.algorithms.leo import LEO
 from metarun.algorithms.maml import MAML
 from metarun.algorithms.matching import MatchingNet
 from metarun.algorithms.metaoptnet import MetaOptNet
@@ -15,5 +16,5 @@ from metarun.algorithms.protonet import ProtoNet
 from metarun.algorithms.r2d2 import R2D2
 from metarun.algorithms.reptile import Reptile
 
-__all__ = ["FEAT", "MAML", "InContextLearner", "MatchingNet", "MetaAlgorithm", "MetaOptNet", "MetaSGD", "ProtoNet", "R2D2",
+__all__ = ["FEAT", "LEO", "MAML", "InContextLearner", "MatchingNet", "MetaAlgorithm", "MetaOptNet", "MetaSGD", "ProtoNet", "R2D2",
            "Reptile"]

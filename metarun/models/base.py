@@ -69,7 +69,8 @@ class Backbone(Protocol):
         """Move running normalisation statistics towards those of `image_sets` (each [T, N_i, *input_shape]).
 
         Called by the trainer once per training step, outside any vmapped pass (a buffer cannot be written
-        under vmap), with the support and query inputs of the step's tasks. Default: nothing to update."""
+        under vmap), with the support and query inputs of the step's tasks; not called when every parameter of
+        the backbone is frozen (requires_grad False: LEO on a pre-trained backbone). Default: nothing to update."""
 
 
 class SequenceBackbone(Backbone, Protocol):
