@@ -17,6 +17,8 @@ commands:
   train   train a meta-learner: metarun train algo=maml model=mlp benchmark=sine [key=value ...]
           sweeps: metarun train -m seed=0,1,2 algo=maml,fomaml
   eval    score a checkpoint on the fixed test pool: metarun eval ckpt_path=<run>/checkpoints/best.pt
+  predict label your own files: metarun predict ckpt_path=<run>/checkpoints/best.pt support=<dir of class dirs>
+          query=<dir or file> [output=predictions.csv]
   report  tabulate results over seeds: metarun report outputs/ multirun/ [--paper] [--format md|csv|json|html -o FILE]
           figures: [--plot DIR] [--x step|time] (pip install ".[plot]")
   compare runs task by task on the same pool, difference with a 95% CI: metarun compare BASELINE_RUN RUN... [--plot DIR]
@@ -28,7 +30,8 @@ commands:
 composed config. Exit status: 0 success, 2 bad input (config or data), 1 internal error
 (HYDRA_FULL_ERROR=1 shows full traces), 130/143 interrupted (last.pt saved)."""
 
-COMMANDS = ("train", "eval", "report", "compare", "check", "data")
+COMMANDS = ("train", "eval", "predict", "report", "compare", "check", "data")
+HYDRA_COMMANDS = ("train", "eval", "predict")  # composed by Hydra; the others are plain argument parsers
 _HYDRA_INFO_FLAGS = {"--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc"}
 
 
@@ -45,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     command, args = argv[0], argv[1:]
     if command not in COMMANDS:
         _fail(f"unknown command '{command}'{closest(command, COMMANDS)}; commands: {', '.join(COMMANDS)}")
-    if command in ("train", "eval"):
+    if command in HYDRA_COMMANDS:
         _run_hydra(command, args)
         return
     # plain commands: no config to compose
@@ -82,7 +85,7 @@ def _run_hydra(command: str, args: list[str]) -> None:
     multirun = "-m" in args or "--multirun" in args
     if not _HYDRA_INFO_FLAGS.intersection(args):
         try:
-            if command == "eval":
+            if command in ("eval", "predict"):
                 args, overrides = _with_training_overrides(args, overrides, user_dirs)
             precheck(command, overrides, multirun, user_dirs)
         except UserInputError as ex:
@@ -91,8 +94,8 @@ def _run_hydra(command: str, args: list[str]) -> None:
             _fail(str(ex))
     if command == "train":
         args = args + _resume_dir_override(overrides) + _torchrun_dir_override(overrides)
-    config_name = "train" if command == "train" else "eval"
-    task = _guarded(_train_task if command == "train" else _eval_task)
+    config_name = command  # configs/train.yaml, eval.yaml, predict.yaml
+    task = _guarded({"train": _train_task, "eval": _eval_task, "predict": _predict_task}[command])
     sys.argv = [f"metarun {command}", *args]
     hydra.main(config_path=str(config_dir()), config_name=config_name, version_base="1.3")(task)()
 
@@ -184,7 +187,7 @@ def precheck(command: str, overrides: list[str], multirun: bool, user_dirs: list
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-            cfg = compose(config_name="train" if command == "train" else "eval", overrides=single)
+            cfg = compose(config_name=command, overrides=single)
     except Exception as ex:  # Hydra composition, a user's malformed YAML, omegaconf errors
         raise UserInputError(_with_suggestion(describe_composition_error(ex), command, single)) from None
     finally:
@@ -193,7 +196,7 @@ def precheck(command: str, overrides: list[str], multirun: bool, user_dirs: list
     if command == "train":
         validate(cfg)
     elif not cfg.get("ckpt_path"):
-        raise UserInputError("metarun eval needs ckpt_path=<run dir>/checkpoints/best.pt")
+        raise UserInputError(f"metarun {command} needs ckpt_path=<run dir>/checkpoints/best.pt")
     elif not Path(str(cfg.ckpt_path)).expanduser().is_file():
         raise UserInputError(f"checkpoint not found: {cfg.ckpt_path} (expected <run dir>/checkpoints/best.pt)")
 
@@ -333,6 +336,12 @@ def _eval_task(cfg) -> float:  # type: ignore[no-untyped-def]
     from metarun.run import evaluate
 
     return evaluate(cfg)
+
+
+def _predict_task(cfg) -> float:  # type: ignore[no-untyped-def]
+    from metarun.run import predict
+
+    return predict(cfg)
 
 
 def _guarded(task):  # type: ignore[no-untyped-def]

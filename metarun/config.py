@@ -87,6 +87,9 @@ class RunSchema:
     logger: LoggerSchema
     # keys only some configs have (None: absent)
     split: Optional[str] = None  # eval only
+    support: Optional[str] = None  # predict only: a folder of class folders
+    query: Optional[str] = None  # predict only: a folder of files, or one file
+    output: Optional[str] = None  # predict only: also write the predictions here (.csv or .json)
     paper: Any = None  # experiment presets: a published figure with its source (only published ones)
     reference: Any = None  # experiment presets: our own measured reference figure (labelled as ours)
 

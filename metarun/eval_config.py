@@ -22,7 +22,7 @@ from metarun import config as config_mod
 from metarun.checkpoint import checkpoint_run_dir, load_checkpoint, run_overrides
 from metarun.errors import UserInputError
 
-EVAL_OWN_KEYS = ("ckpt_path", "split")  # eval sets these itself; they are never composed
+EVAL_OWN_KEYS = ("ckpt_path", "split", "support", "query", "output")  # eval/predict set these; never composed
 _ABSENT = object()
 
 

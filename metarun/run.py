@@ -315,23 +315,8 @@ def evaluate(cfg: DictConfig) -> float:
     is the checkpoint's own (_eval_config)."""
     if not cfg.ckpt_path:
         raise UserInputError("metarun eval needs ckpt_path=<run dir>/checkpoints/best.pt")
-    ckpt = Path(str(cfg.ckpt_path)).expanduser()
-    state = load_checkpoint(ckpt)
     overrides = [o for o in _task_overrides() if override_key(o) not in EVAL_OWN_KEYS]
-    merged, names = eval_config(state, ckpt, overrides)
-    merged.ckpt_path = cfg.ckpt_path
-    merged.split = cfg.split
-    merged = config_mod.validate(merged)
-    if "init_from" in merged.algo:
-        merged.algo.init_from = None  # the weights come from the checkpoint being scored
-    configure_runtime(merged.threads)
-    device = resolve_device(merged.device)
-    benchmark, algorithm = build(merged, names)
-    try:
-        algorithm.load_state_dict(state["model"])
-    except RuntimeError as ex:
-        raise UserInputError(f"checkpoint weights do not fit the configured model: {str(ex).splitlines()[0][:200]}") from None
-    _to_device(benchmark, algorithm, device)
+    merged, names, benchmark, algorithm, device, state = restore(str(cfg.ckpt_path), overrides, cfg.split)
     split = cfg.split or "test"
     if split not in ("train", "val", "test"):
         raise UserInputError(f"split must be train, val or test (got '{split}')")
@@ -350,6 +335,38 @@ def evaluate(cfg: DictConfig) -> float:
     print_results(results)
     console.print(f"results: {run_dir / 'results.json'}")
     return results["mean"]
+
+
+def predict(cfg: DictConfig) -> float:
+    """Label a user's files with a checkpoint's learner adapted to their support set (metarun/predict.py);
+    returns the number of files labelled."""
+    from metarun.predict import predict as label_files
+
+    overrides = [o for o in _task_overrides() if override_key(o) not in EVAL_OWN_KEYS]
+    return float(len(label_files(cfg, overrides, _run_dir())))
+
+
+def restore(ckpt_path: str, overrides: list[str], split: str | None = None
+            ) -> tuple[DictConfig, dict[str, str], Benchmark, MetaAlgorithm, torch.device, dict[str, Any]]:
+    """A checkpoint's learner rebuilt as it was trained, with `overrides` applied (`metarun eval`, `metarun
+    predict`): its config, group names, benchmark, algorithm (weights loaded, on the device), device, state."""
+    ckpt = Path(ckpt_path).expanduser()
+    state = load_checkpoint(ckpt)
+    merged, names = eval_config(state, ckpt, overrides)
+    merged.ckpt_path = ckpt_path
+    merged.split = split
+    merged = config_mod.validate(merged)
+    if "init_from" in merged.algo:
+        merged.algo.init_from = None  # the weights come from the checkpoint being scored
+    configure_runtime(merged.threads)
+    device = resolve_device(merged.device)
+    benchmark, algorithm = build(merged, names)
+    try:
+        algorithm.load_state_dict(state["model"])
+    except RuntimeError as ex:
+        raise UserInputError(f"checkpoint weights do not fit the configured model: {str(ex).splitlines()[0][:200]}") from None
+    _to_device(benchmark, algorithm, device)
+    return merged, names, benchmark, algorithm, device, state
 
 
 def _task_overrides() -> list[str]:

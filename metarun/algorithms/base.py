@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from metarun.benchmarks.base import Kind, TaskSpec
-from metarun.episodes import Batch
+from metarun.episodes import Batch, TaskBatch
 from metarun.models.base import Backbone
 
 
@@ -69,6 +69,13 @@ class MetaAlgorithm(Protocol):
         parameters, computed in a way cheaper than TRPO's generic double backward; None (the default): TRPO
         uses the generic one."""
         return None
+
+    def query_scores(self, batch: TaskBatch) -> Tensor:
+        """[T, Q, N] class scores of each query after the learner has adapted to its task's support set: their
+        softmax is its class probabilities and their argmax the label `evaluate` scores (`metarun predict` reads
+        them). Every classification algorithm implements it; tests/test_predict.py checks each against
+        `evaluate`. The caller holds no graph (torch.no_grad); algorithms with an inner loop enable grad inside."""
+        raise NotImplementedError
 
     @classmethod
     def backbone_input_shape(cls, spec: TaskSpec) -> tuple[int, ...]:

@@ -195,6 +195,9 @@ class FEAT(nn.Module, MetaAlgorithm):
         losses, accuracy = vmap(lambda out, y: task_loss(self.spec, out, y))(self.logits(batch), batch.query_y)
         return {self.spec.metric: accuracy, "loss": losses}
 
+    def query_scores(self, batch: TaskBatch) -> Tensor:
+        return self.logits(batch)
+
     @torch.no_grad()
     def visualize(self, batch: TaskBatch) -> dict[str, Tensor]:
         """The first task's prototype-to-prototype attention (heads averaged): row i = how class i's

@@ -146,6 +146,9 @@ class InContextLearner(nn.Module, MetaAlgorithm):
     def predict(self, batch: TaskBatch) -> Tensor:
         return self.forward_with_attention(batch)[0]
 
+    def query_scores(self, batch: TaskBatch) -> Tensor:
+        return self.predict(batch)
+
     def _label_input(self, y: Tensor) -> Tensor:
         return y if self.spec.kind == "classification" else y.to(self.embed_y.weight.dtype)
 

@@ -287,6 +287,12 @@ class LEO(nn.Module, MetaAlgorithm):
                              batch.query_y)[1]
         return {self.spec.metric: accuracy, "loss": losses, "latent_accuracy": latent}
 
+    def query_scores(self, batch: TaskBatch) -> Tensor:
+        support, query = self.features(batch)
+        with torch.enable_grad():
+            adapted = self.adapt(support, batch.support_y, differentiable=False)
+        return self.logits(query, adapted.weights.detach(), batch.support_y)
+
 
 def class_means(values: Tensor, onehot: Tensor) -> Tensor:
     """[T, S, E] per-example values, [T, S, N] one-hot labels -> [T, N, E] per-class means."""

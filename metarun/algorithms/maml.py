@@ -139,10 +139,11 @@ class MAML(nn.Module, MetaAlgorithm):
 
     def _adapt_and_score(
         self, params: Params, batch: TaskBatch, steps: int, lr: Rate, first_order: bool,
-        evaluation: bool = False,
+        evaluation: bool = False, outputs: bool = False,
     ) -> tuple[Tensor, Tensor]:
         """Adapt every task on its support set for `steps` SGD steps; query (loss, metric) [T], or in
-        `evaluation` [T, steps + 1] after each step, without any graph kept between steps.
+        `evaluation` [T, steps + 1] after each step, without any graph kept between steps. `outputs` (with
+        `evaluation`): the adapted network's query outputs [T, Q, ...] instead, as the first element.
 
         The shared parameters are expanded to one copy per task ([T, ...] views, no memory) and only the
         forward passes are batched (vmap, or `forward_per_task`); both backward passes are ordinary autograd
@@ -167,7 +168,7 @@ class MAML(nn.Module, MetaAlgorithm):
             fast = {k: p.detach().requires_grad_() for k, p in fast.items()}
         scores = []
         for step in range(steps + 1):
-            if evaluation:
+            if evaluation and not outputs:
                 with torch.no_grad():
                     scores.append(self._task_losses(module, fast, qx, qy))
             if step == steps:
@@ -177,6 +178,9 @@ class MAML(nn.Module, MetaAlgorithm):
             fast = {k: p - step_size(lr, k) * g for (k, p), g in zip(fast.items(), grads)}
             if evaluation:
                 fast = {k: p.detach().requires_grad_() for k, p in fast.items()}
+        if outputs:
+            with torch.no_grad():
+                return self._forward_per_task(module, fast, qx), qy
         if not evaluation:
             return self._task_losses(module, fast, qx, qy)
         losses, metrics = zip(*scores)
@@ -271,6 +275,14 @@ class MAML(nn.Module, MetaAlgorithm):
         out = {f"{name}@{k}": metric[:, k] for k in range(metric.shape[1])}
         out[name] = metric[:, -1]
         return out
+
+    def query_scores(self, batch: TaskBatch) -> Tensor:
+        """The query logits after eval_inner_steps steps, adapted exactly as `evaluate` adapts."""
+        params = {k: v.detach() for k, v in self.net.named_parameters()}
+        with torch.enable_grad():
+            logits, _ = self._adapt_and_score(params, batch, self.eval_inner_steps, self._detached_rate(),
+                                              first_order=True, evaluation=True, outputs=True)
+        return logits
 
     def _path_picture(self, batch: Batch) -> dict[str, Tensor]:
         from metarun.plotting import path_plot

@@ -123,3 +123,6 @@ class MatchingNet(nn.Module, MetaAlgorithm):
     @torch.no_grad()
     def evaluate(self, batch: TaskBatch) -> dict[str, Tensor]:
         return {self.spec.metric: self._per_task(batch)[1]}
+
+    def query_scores(self, batch: TaskBatch) -> Tensor:
+        return self.log_probs(batch)

@@ -97,6 +97,9 @@ class ConvexHeadLearner(nn.Module, MetaAlgorithm):
     def evaluate(self, batch: TaskBatch) -> dict[str, Tensor]:
         return {self.spec.metric: task_losses(self.spec, self.logits(batch), batch.query_y)[1]}
 
+    def query_scores(self, batch: TaskBatch) -> Tensor:
+        return self.logits(batch)
+
     def _check_train_episode(self, batch: TaskBatch) -> None:
         """Training silently on benchmark-shaped episodes would ignore the config: say so instead."""
         shape = self.train_episode()

@@ -270,10 +270,11 @@ class MMAML(nn.Module, MetaAlgorithm):
         return {name: self.mode_params[_key(name)][batch.mode] for name, _ in self.net.named_parameters()}
 
     def _adapt_and_score(self, batch: TaskBatch, steps: int, lr: float, first_order: bool,
-                         evaluation: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
+                         evaluation: bool = False, outputs: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
         """Modulate, adapt every task for `steps` SGD steps on its support set, score on its query set:
         (loss [T], metric [T], embedding [T, E] or None), or in `evaluation` the loss and metric [T, steps + 1]
-        after each step, with no graph kept between steps (as MAML's evaluation)."""
+        after each step, with no graph kept between steps (as MAML's evaluation). `outputs` (with `evaluation`):
+        the adapted network's query outputs [T, Q, ...] first instead."""
         embedding = None if self.encoder is None else self.task_embedding(batch)
         modulation = None if embedding is None else self.film(embedding)
         fast = self.initial_params(batch)
@@ -284,7 +285,7 @@ class MMAML(nn.Module, MetaAlgorithm):
         sx, sy, qx, qy = batch.support_x, batch.support_y, batch.query_x, batch.query_y
         scores = []
         for step in range(steps + 1):
-            if evaluation:
+            if evaluation and not outputs:
                 with torch.no_grad():
                     scores.append(task_losses(self.spec, self.task_outputs(fast, qx, modulation), qy))
             if step == steps:
@@ -296,6 +297,9 @@ class MMAML(nn.Module, MetaAlgorithm):
             fast = {k: p - lr * g for (k, p), g in zip(fast.items(), grads)}
             if evaluation:
                 fast = {k: p.detach().requires_grad_() for k, p in fast.items()}
+        if outputs:
+            with torch.no_grad():
+                return self.task_outputs(fast, qx, modulation), qy, embedding
         if not evaluation:
             loss, metric = task_losses(self.spec, self.task_outputs(fast, qx, modulation), qy)
             return loss, metric, embedding
@@ -320,12 +324,23 @@ class MMAML(nn.Module, MetaAlgorithm):
         out = {f"{name}@{k}": metric[:, k].detach() for k in range(metric.shape[1])}
         out[name] = metric[:, -1].detach()
         out.update(per_mode(batch, {name: out[name]}))
+        self._keep_embeddings(batch, embedding)
+        return out
+
+    def query_scores(self, batch: TaskBatch) -> Tensor:
+        """The modulated, adapted network's query outputs, as `evaluate` adapts it."""
+        with torch.enable_grad():
+            logits, _, _ = self._adapt_and_score(batch, self.eval_inner_steps, self.eval_inner_lr, first_order=True,
+                                                 evaluation=True, outputs=True)
+        return logits
+
+    def _keep_embeddings(self, batch: TaskBatch, embedding: Tensor | None) -> None:
+        """The task embeddings of the latest validation tasks, for the next `visualize` (PCA picture)."""
         if embedding is not None:
             mode = batch.mode.detach().cpu() if isinstance(batch, ModalTaskBatch) else None
             self._embeddings.append((embedding.detach().cpu(), mode))
             while sum(e.shape[0] for e, _ in self._embeddings) > PLOT_TASKS:
                 self._embeddings.pop(0)
-        return out
 
     @torch.no_grad()
     def visualize(self, batch: TaskBatch) -> dict[str, Tensor]:

@@ -109,6 +109,9 @@ class ProtoNet(nn.Module, MetaAlgorithm):
     def evaluate(self, batch: TaskBatch) -> dict[str, Tensor]:
         return {self.spec.metric: self._per_task(batch)[1]}
 
+    def query_scores(self, batch: TaskBatch) -> Tensor:
+        return self.logits(batch)
+
     def _check_train_episode(self, batch: TaskBatch) -> None:
         """Training silently on benchmark-shaped episodes would ignore the config: say so instead."""
         ways, queries = self._ways(), self.train_episode().get("queries", self.spec.queries)

@@ -170,10 +170,7 @@ class Reptile(nn.Module, MetaAlgorithm):
     def evaluate(self, batch: TaskBatch) -> dict[str, Tensor]:
         """Query metric before fine-tuning (`accuracy@0`), and after eval_inner_steps steps (`accuracy@K`, `accuracy`)
         on the support set."""
-        params = {k: v.detach() for k, v in self.net.named_parameters()}
-        generator = torch.Generator().manual_seed(EVAL_SHUFFLE_SEED)
-        xs, ys = self._mini_batches(batch.support_x, batch.support_y, self.eval_inner_steps,
-                                    self.eval_inner_batch_size, generator)
+        params, xs, ys = self._evaluation_inputs(batch)
 
         def one_task(xs: Tensor, ys: Tensor, qx: Tensor, qy: Tensor) -> tuple[Tensor, Tensor]:
             before = task_loss(self.spec, self._call(params, qx), qy)[1]
@@ -183,3 +180,17 @@ class Reptile(nn.Module, MetaAlgorithm):
         before, after = over_tasks(one_task)(xs, ys, batch.query_x, batch.query_y)
         name = self.spec.metric
         return {f"{name}@0": before, f"{name}@{self.eval_inner_steps}": after, name: after}
+
+    @torch.no_grad()
+    def query_scores(self, batch: TaskBatch) -> Tensor:
+        """The query outputs after the fine-tuning `evaluate` does (same mini-batches, same steps)."""
+        params, xs, ys = self._evaluation_inputs(batch)
+        return over_tasks(lambda xs, ys, qx: self._call(self._adapt(params, xs, ys), qx))(xs, ys, batch.query_x)
+
+    def _evaluation_inputs(self, batch: TaskBatch) -> tuple[Params, Tensor, Tensor]:
+        """The detached weights and the test-time fine-tuning's mini-batches (a fixed shuffle seed)."""
+        params = {k: v.detach() for k, v in self.net.named_parameters()}
+        generator = torch.Generator().manual_seed(EVAL_SHUFFLE_SEED)
+        xs, ys = self._mini_batches(batch.support_x, batch.support_y, self.eval_inner_steps,
+                                    self.eval_inner_batch_size, generator)
+        return params, xs, ys

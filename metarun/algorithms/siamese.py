@@ -104,3 +104,8 @@ class Siamese(nn.Module, MetaAlgorithm):
     def evaluate(self, batch: TaskBatch) -> dict[str, Tensor]:
         scores = self.class_scores(batch, self.spec.ways)
         return {self.spec.metric: (scores.argmax(dim=-1) == batch.query_y).to(scores.dtype).mean(dim=1)}
+
+    def query_scores(self, batch: TaskBatch) -> Tensor:
+        """The log of the mean pair probabilities normalised over the classes: softmax gives each class's share."""
+        scores = self.class_scores(batch, self.spec.ways)
+        return (scores / scores.sum(dim=-1, keepdim=True)).clamp_min(1e-30).log()

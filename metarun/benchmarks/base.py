@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal, Protocol
 
 import torch
@@ -78,6 +79,12 @@ class Benchmark(Protocol):
         """Move whatever the episodes are built from (an image store) to `device`. Default: nothing to move
         (episodes are drawn on the CPU and the trainer moves them)."""
         return self
+
+    def load_inputs(self, paths: Sequence[Path]) -> torch.Tensor:
+        """A user's own example files as this benchmark's model inputs [N, *input_shape], decoded and normalised
+        exactly as its own examples are (`metarun predict`). Default: the benchmark reads no files."""
+        raise UserInputError(f"benchmark={self.spec.name} does not read example files; metarun predict reads image "
+                             f"files for the image benchmarks (omniglot, miniimagenet, folder)")
 
 
 def episode_ways(spec: TaskSpec, shape: dict[str, int], training: bool) -> int:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -76,7 +77,7 @@ class FolderBenchmark(SamplerBackedBenchmark):
         started = time.perf_counter()
         source = detect(root, layout, splits, tuple(split_fractions), split_seed)  # type: ignore[arg-type]
         console.print(source.describe(), highlight=False, soft_wrap=True)
-        prep = Preprocess(size=image_size, mode="L" if channels == 1 else "RGB", invert=bool(invert))
+        prep = self.preprocess = Preprocess(size=image_size, mode="L" if channels == 1 else "RGB", invert=bool(invert))
         refs = [ref for s in SPLITS for _, files in source.classes[s] for ref in files]
         train_images = sum(len(files) for _, files in source.classes["train"])
         shape = (len(refs), prep.channels, prep.size, prep.size)
@@ -153,6 +154,14 @@ class FolderBenchmark(SamplerBackedBenchmark):
             for x in (batch.support_x, batch.query_x):
                 x.sub_(mean).div_(std)
         return batch
+
+    def load_inputs(self, paths: Sequence[Path]) -> Tensor:
+        """Decoded as the store was, then normalised with the benchmark's statistics, as its episodes are."""
+        x = super().load_inputs(paths)
+        if self.normalization is not None:
+            mean, std = self._norm_tensors(x.device)
+            x.sub_(mean).div_(std)
+        return x
 
     def _norm_tensors(self, device: torch.device) -> tuple[Tensor, Tensor]:
         cached = self._norm_on.get(device)

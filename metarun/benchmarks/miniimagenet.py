@@ -48,7 +48,7 @@ class MiniImageNetBenchmark(SamplerBackedBenchmark):
         check_positive(ways=ways, shots=shots, queries=queries, image_size=image_size)
         started = time.perf_counter()
         source = detect(root)
-        prep = Preprocess(size=image_size, mode="RGB", invert=False)
+        prep = self.preprocess = Preprocess(size=image_size, mode="RGB", invert=False)
         settings = {**prep.as_dict(), "format": source.format}
         store, meta, cache_file, hit = cached_store("miniimagenet", source.listing, settings,
                                                     lambda: build_store(source, prep, decode_workers), cache_dir)

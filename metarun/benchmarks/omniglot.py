@@ -58,7 +58,7 @@ class OmniglotBenchmark(SamplerBackedBenchmark):
         rotations = tuple(int(r) for r in rotations)
         source = locate(root)
         split = make_split(source.characters, split_scheme, rotations, split_seed)
-        prep = Preprocess(size=image_size, mode="L", invert=True)
+        prep = self.preprocess = Preprocess(size=image_size, mode="L", invert=True)
         base, _, cache_file, hit = cached_store("omniglot", source.listing, prep.as_dict(),
                                                 lambda: _decode(source, prep, decode_workers), cache_dir)
         store, ranges = arrange(base, split)

@@ -23,13 +23,16 @@ device the store lives, instead of T * N * (K + Q) PIL decodes (scripts/bench_sa
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from metarun.benchmarks.augment import Augmentation
 from metarun.benchmarks.base import Benchmark
+from metarun.benchmarks.decode import DecodeError, ImageRef, Preprocess, decode_one
 from metarun.episodes import TaskBatch
 from metarun.errors import UserInputError
 
@@ -243,6 +246,16 @@ class SamplerBackedBenchmark(Benchmark):
     `self.sampler` (an EpisodeSampler), so each benchmark only reads its data format."""
 
     sampler: EpisodeSampler
+    preprocess: Preprocess  # how the store's images were decoded: a user's files are decoded the same way
+
+    def load_inputs(self, paths: Sequence[Path]) -> Tensor:
+        """The files decoded as the store was (size, channels, inversion), as float32 in [0, 1]: value / 255,
+        what the sampler gives; a file Pillow cannot read is one line naming it."""
+        try:
+            arrays = [decode_one(ImageRef(str(path)), self.preprocess) for path in paths]
+        except DecodeError as ex:
+            raise UserInputError(str(ex)) from None
+        return torch.from_numpy(np.stack(arrays)).float().div_(255.0)
 
     def sample(self, split: str, num_tasks: int, generator: torch.Generator, *, ways: int | None = None,
                shots: int | None = None, queries: int | None = None) -> TaskBatch:
