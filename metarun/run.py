@@ -364,9 +364,25 @@ def restore(ckpt_path: str, overrides: list[str], split: str | None = None
     try:
         algorithm.load_state_dict(state["model"])
     except RuntimeError as ex:
-        raise UserInputError(f"checkpoint weights do not fit the configured model: {str(ex).splitlines()[0][:200]}") from None
+        raise UserInputError(misfit(algorithm, state, benchmark.spec, names) or "checkpoint weights do not fit the "
+                             f"configured model: {str(ex).splitlines()[0][:200]}") from None
     _to_device(benchmark, algorithm, device)
     return merged, names, benchmark, algorithm, device, state
+
+
+def misfit(algorithm: MetaAlgorithm, state: dict[str, Any], spec: TaskSpec, names: dict[str, str]) -> str | None:
+    """One line naming the first weight whose shape differs between the checkpoint and the configured model,
+    and the inputs each was built for (cross-domain eval: an RGB benchmark for a greyscale checkpoint)."""
+    saved = state.get("model") or {}
+    here = algorithm.state_dict()  # type: ignore[attr-defined]
+    for key, value in here.items():
+        if key in saved and tuple(saved[key].shape) != tuple(value.shape):
+            trained = OmegaConf.select(OmegaConf.create(state.get("config") or {}), "benchmark._target_", default="?")
+            return (f"checkpoint weights do not fit the configured model: {key} is {list(saved[key].shape)} in the "
+                    f"checkpoint and {list(value.shape)} here, where benchmark={names['benchmark']} gives "
+                    f"{spec.input_shape} inputs and {spec.ways}-way tasks (the checkpoint was trained on "
+                    f"{str(trained).rsplit('.', 1)[-1]}; match the channels, or the ways of a fixed output layer)")
+    return None
 
 
 def _task_overrides() -> list[str]:

@@ -22,7 +22,8 @@ from metarun.defaults import option_node
 from metarun.episodes import TaskBatch
 from metarun.models.mlp import MLP
 from tests.cli_batch import run_in_one_process
-from tests.image_fixtures import BACKGROUND, EVALUATION, error_line, finish, omniglot_tree, start_metarun
+from tests.image_fixtures import (BACKGROUND, EVALUATION, error_line, finish, mini_folders, omniglot_tree,
+                                 start_metarun)
 from tests.test_feat import TOY, toy_batch
 
 ALGOS = sorted(p.stem for p in (config_dir() / "algo").glob("*.yaml"))
@@ -166,3 +167,23 @@ def test_predict_bad_inputs_are_one_line_each(trained: dict[str, Path], tmp_path
     for (name, (_, expected)), proc in zip(cases.items(), outcomes, strict=True):
         assert proc.returncode == 2, (name, proc.stderr)
         assert expected in error_line(proc), (name, proc.stderr)
+
+
+def test_cross_domain_eval_scores_another_benchmark_and_names_a_shape_mismatch(trained: dict[str, Path]) -> None:
+    """`metarun eval ckpt_path=<omniglot run> benchmark=...`: a greyscale folder benchmark is scored (Chen et
+    al.'s cross-domain protocol); RGB miniImageNet does not fit the 1-channel network, in one line naming both."""
+    work = trained["work"]
+    mini = mini_folders(work / "mini_rgb")
+    common = [f"ckpt_path={trained['protonet']}", "trainer.eval_tasks=4", "benchmark.queries=2"]
+    grey, rgb = run_in_one_process(
+        [["eval", *common, "benchmark=folder", f"benchmark.root={mini}", "benchmark.channels=1",
+          "benchmark.image_size=16", f"hydra.run.dir={work / 'cross_grey'}"],
+         ["eval", *common, "benchmark=miniimagenet", f"benchmark.root={mini}", "benchmark.image_size=16",
+          f"hydra.run.dir={work / 'cross_rgb'}"]], cwd=work, env=trained["env"])  # type: ignore[arg-type]
+    assert grey.returncode == 0, grey.stderr
+    results = json.loads((work / "cross_grey" / "results.json").read_text())
+    assert results["benchmark"] == "folder" and results["tasks"] == 4 and 0.0 <= results["mean"] <= 1.0
+    assert rgb.returncode == 2
+    line = error_line(rgb)
+    assert "[64, 1, 3, 3] in the checkpoint and [64, 3, 3, 3] here" in line and "(3, 16, 16)" in line
+    assert "OmniglotBenchmark" in line
