@@ -21,8 +21,10 @@ from omegaconf import DictConfig
 
 from metarun.errors import UserInputError
 
-# what Pillow reads and people keep images in; other files in the folders are ignored
+# what Pillow reads and people keep images in, and text (benchmark=text: a .txt file is one example); other files
+# in the folders are ignored, and the benchmark refuses a kind it does not read in one line
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
+EXAMPLE_SUFFIXES = IMAGE_SUFFIXES | {".txt"}
 OUTPUT_SUFFIXES = (".csv", ".json")
 
 
@@ -40,7 +42,7 @@ class SupportSet:
 
 def image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir()
-                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+                  if p.is_file() and p.suffix.lower() in EXAMPLE_SUFFIXES and not p.name.startswith("."))
 
 
 def read_support(path: str | None) -> SupportSet:
@@ -57,8 +59,8 @@ def read_support(path: str | None) -> SupportSet:
     files = [image_files(folder) for folder in folders]
     empty = [folder.name for folder, found in zip(folders, files) if not found]
     if empty:
-        raise UserInputError(f"support={path}: class folder '{empty[0]}' holds no image files "
-                             f"({', '.join(sorted(IMAGE_SUFFIXES))})")
+        raise UserInputError(f"support={path}: class folder '{empty[0]}' holds no example files "
+                             f"({', '.join(sorted(EXAMPLE_SUFFIXES))})")
     counts = {folder.name: len(found) for folder, found in zip(folders, files)}
     if len(set(counts.values())) > 1:
         listed = ", ".join(f"{name} {count}" for name, count in counts.items())
@@ -78,7 +80,7 @@ def read_queries(path: str | None) -> list[Path]:
         raise UserInputError(f"query={path}: no such file or folder")
     files = image_files(target)
     if not files:
-        raise UserInputError(f"query={path}: the folder holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        raise UserInputError(f"query={path}: the folder holds no example files ({', '.join(sorted(EXAMPLE_SUFFIXES))})")
     return files
 
 

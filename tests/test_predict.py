@@ -155,7 +155,7 @@ def test_predict_bad_inputs_are_one_line_each(trained: dict[str, Path], tmp_path
         "no support": (predict_args(ckpt, tmp_path / "nowhere", query), "not a folder"),
         "one class": (predict_args(ckpt, one_class, query), "1 class folder(s)"),
         "uneven shots": (predict_args(ckpt, uneven, query), "the same number of examples"),
-        "empty class": (predict_args(ckpt, empty_class, query), "'zz-empty' holds no image files"),
+        "empty class": (predict_args(ckpt, empty_class, query), "'zz-empty' holds no example files"),
         "no query": (predict_args(ckpt, support, tmp_path / "nothing"), "no such file or folder"),
         "bad output": (predict_args(ckpt, support, query, "output=labels.txt"), "give a .csv or .json"),
         "damaged image": (predict_args(ckpt, support, broken), "damaged.png"),

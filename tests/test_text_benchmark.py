@@ -227,6 +227,30 @@ def test_protonet_and_maml_over_lora_train_and_eval_from_the_command_line(cli: d
     assert read_results(work / "eval")["mean"] == read_results(work / "maml")["mean"]
 
 
+def test_predict_labels_text_files_with_the_trained_learner(cli: dict[str, object], tmp_path: Path) -> None:
+    """`metarun predict` on text: class folders of .txt files (one example each), tokenised as the store was."""
+    from tests.hf_fixtures import sentences
+
+    assert cli["protonet"].returncode == 0
+    support, query = tmp_path / "support", tmp_path / "query"
+    for topic in ("food", "music", "travel"):
+        (support / topic).mkdir(parents=True)
+        for i, text in enumerate(sentences(topic, 2, seed=11)):
+            (support / topic / f"{i}.txt").write_text(text + "\n")
+        query.mkdir(exist_ok=True)
+        for i, text in enumerate(sentences(topic, 2, seed=12)):
+            (query / f"{topic}_{i}.txt").write_text(text)
+    ckpt = cli["work"] / "protonet" / "checkpoints" / "best.pt"
+    proc = run_metarun("predict", f"ckpt_path={ckpt}", f"support={support}", f"query={query}",
+                       f"hydra.run.dir={tmp_path / 'run'}", env=cli["env"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads((tmp_path / "run" / "predictions.json").read_text())
+    assert [Path(r["file"]).name for r in rows] == sorted(p.name for p in query.iterdir())
+    for row in rows:
+        assert set(row["probabilities"]) == {"food", "music", "travel"}
+        assert sum(row["probabilities"].values()) == pytest.approx(1.0)
+
+
 # "too few examples" and the vocabulary mismatch are the same one-line errors, checked in-process above and in
 # tests/test_hf_backbone.py; through the CLI, one of the model and one of the data suffice (each costs a process)
 @pytest.mark.parametrize("case", ["model path", "not json lines"])

@@ -82,9 +82,10 @@ class Benchmark(Protocol):
 
     def load_inputs(self, paths: Sequence[Path]) -> torch.Tensor:
         """A user's own example files as this benchmark's model inputs [N, *input_shape], decoded and normalised
-        exactly as its own examples are (`metarun predict`). Default: the benchmark reads no files."""
+        exactly as its own examples are (`metarun predict`): images, or .txt files for text. Default: the benchmark
+        reads no files."""
         raise UserInputError(f"benchmark={self.spec.name} does not read example files; metarun predict reads image "
-                             f"files for the image benchmarks (omniglot, miniimagenet, folder)")
+                             f"files for the image benchmarks (omniglot, miniimagenet, folder) and .txt files for text")
 
 
 def episode_ways(spec: TaskSpec, shape: dict[str, int], training: bool) -> int:

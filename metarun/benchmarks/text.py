@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -176,6 +177,7 @@ class TextBenchmark(Benchmark):
                                            int(tok.pad_token_id), meta["classes"], name=f"benchmark=text ({root})")
         for split in SPLITS:
             self.sampler.check(split, ways, shots, queries)
+        self.tokenizer, self.max_length, self.pad_id = tok, int(max_length), int(tok.pad_token_id)
         self.spec = TaskSpec(name="text", kind="classification", input_shape=TokenShape(int(max_length), len(tok)),
                              output_size=ways, ways=ways, shots=shots, queries=queries)
         self.ways, self.shots, self.queries = ways, shots, queries
@@ -188,6 +190,20 @@ class TextBenchmark(Benchmark):
                shots: int | None = None, queries: int | None = None) -> TaskBatch:
         return self.sampler.sample(split, num_tasks, generator, ways or self.ways, shots or self.shots,
                                    queries or self.queries)
+
+    def load_inputs(self, paths: Sequence[Path]) -> Tensor:
+        """UTF-8 .txt files, one example each, tokenised as the store was: int64 [N, 2, L] (ids, attention mask)."""
+        texts = []
+        for path in paths:
+            if Path(path).suffix.lower() != ".txt":
+                raise UserInputError(f"benchmark=text reads .txt files, one example each: {path} is not one")
+            try:
+                texts.append(Path(path).read_text(encoding="utf-8").strip())
+            except (OSError, UnicodeDecodeError) as ex:
+                raise UserInputError(f"cannot read text file {path}: {str(ex).splitlines()[0]}") from None
+        tokens = tokenise(self.tokenizer, texts, self.max_length).long()
+        mask = tokens >= 0
+        return torch.stack((tokens.masked_fill(~mask, self.pad_id), mask.long()), dim=1)
 
     def to(self, device: torch.device | str) -> "TextBenchmark":
         self.sampler.to(device)
