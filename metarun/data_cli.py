@@ -19,27 +19,33 @@ if TYPE_CHECKING:
     from metarun.benchmarks.verify import Report
 
 USAGE = """\
-usage: metarun data <download|verify> <omniglot|miniimagenet> [key=value ...]
+usage: metarun data <download|verify> <omniglot|miniimagenet|cifar100> [key=value ...]
 
   download omniglot [root=PATH] [mirror=URL]
       fetch images_background.zip and images_evaluation.zip from brendenlake/omniglot (md5-checked,
       resumable), unpack them into PATH/omniglot-py/ (the layout benchmark=omniglot reads)
   download miniimagenet [root=PATH]
       miniImageNet has no official host: lists the accepted formats (exit 0 if PATH already holds one)
+  download cifar100 [root=PATH] [mirror=URL]
+      fetch cifar-100-python.tar.gz from the authors' site (md5-checked, resumable) into PATH; benchmark=cifarfs
+      and benchmark=fc100 read it as it is
   verify omniglot [root=PATH] [split_scheme=vinyals|lake|random] [split_seed=0] [workers=2]
   verify miniimagenet [root=PATH] [workers=2]
+  verify cifar100 [root=PATH]
       count classes and images per split, check archive checksums, decode every image;
       exit status 2 when something is wrong
 
 root defaults to $METARUN_DATA/<dataset>, else ./data/<dataset>: the default of benchmark.root."""
 
 ACTIONS = ("download", "verify")
-DATASETS = ("omniglot", "miniimagenet")
+DATASETS = ("omniglot", "miniimagenet", "cifar100")
 OPTIONS = {
     ("download", "omniglot"): ("root", "mirror"),
     ("download", "miniimagenet"): ("root",),
     ("verify", "omniglot"): ("root", "split_scheme", "split_seed", "workers"),
     ("verify", "miniimagenet"): ("root", "workers"),
+    ("download", "cifar100"): ("root", "mirror"),
+    ("verify", "cifar100"): ("root",),
 }
 INT_OPTIONS = ("split_seed", "workers")
 MINI_HOWTO = """\
@@ -118,7 +124,12 @@ def run(action: str, dataset: str, options: dict[str, str | int]) -> bool:
         if dataset == "omniglot":
             download_omniglot(root, str(options.get("mirror", "")) or None)
             return True
+        if dataset == "cifar100":
+            download_cifar100(root, str(options.get("mirror", "")) or None)
+            return True
         return explain_miniimagenet(root)
+    if dataset == "cifar100":
+        return verify_cifar100(root)
     from metarun.benchmarks import verify
 
     workers = int(options.get("workers", 2))
@@ -151,6 +162,45 @@ def download_omniglot(root: Path, mirror: str | None) -> None:
         extract(archive, folder, top)
         console.print(f"{name}: md5 ok, unpacked to {folder / top}")
     console.print(f"omniglot ready: metarun train benchmark=omniglot benchmark.root={root}")
+
+
+def download_cifar100(root: Path, mirror: str | None) -> None:
+    """The archive into root, verified; benchmark=cifarfs/fc100 read it without unpacking."""
+    from metarun.benchmarks import cifar100
+    from metarun.benchmarks.download import download
+    from metarun.console import console
+
+    base = (mirror or cifar100.URL_BASE).rstrip("/")
+    manual = (f"offline? fetch {cifar100.URL_BASE}/{cifar100.ARCHIVE} by hand into {root}/ and run this command "
+              f"again to check it")
+    download(f"{base}/{cifar100.ARCHIVE}", root / cifar100.ARCHIVE, cifar100.ARCHIVE_MD5, manual)
+    console.print(f"{cifar100.ARCHIVE}: md5 ok; metarun train benchmark=cifarfs benchmark.root={root} "
+                  f"(or benchmark=fc100)")
+
+
+def verify_cifar100(root: Path) -> bool:
+    """Read CIFAR-100 whole and check both few-shot splits against it: classes and images per split."""
+    import numpy as np
+
+    from metarun.benchmarks import cifar100
+    from metarun.console import console
+
+    data = cifar100.read_cifar100(str(root))
+    per_class = np.bincount(data.fine, minlength=len(data.fine_names))
+    for scheme in cifar100.SCHEMES:
+        classes = cifar100.split_classes(scheme, data)
+        counts = "/".join(str(len(classes[s])) for s in ("train", "val", "test"))
+        console.print(f"{scheme}: {counts} train/val/test classes", highlight=False)
+    uneven = sorted({int(n) for n in per_class})
+    console.print(f"{data.where}: {len(data.images)} images, {len(data.fine_names)} classes, "
+                  f"{'/'.join(map(str, uneven))} images per class", highlight=False)
+    if len(uneven) > 1:
+        from metarun.console import print_error
+
+        print_error(f"classes hold different numbers of images ({'/'.join(map(str, uneven))}); CIFAR-100 has 600 each")
+        return False
+    console.print("[bold green]ok[/]")
+    return True
 
 
 def explain_miniimagenet(root: Path) -> bool:

@@ -189,6 +189,55 @@ def truncate(path: Path, keep: float = 0.5) -> Path:
     return path
 
 
+# CIFAR-100 (python version) -----------------------------------------------------------------------------
+
+def cifar100_names() -> tuple[list[str], list[str], dict[str, str]]:
+    """CIFAR-100's fine and coarse class names (alphabetical, as its meta file lists them) and fine -> coarse,
+    from the shipped CIFAR-FS lists (whose 64 + 16 + 20 pairs are all 100 classes)."""
+    from metarun.benchmarks.cifar100 import SPLIT_DIR
+
+    pairs = [line.split() for s in ("train", "val", "test")
+             for line in (SPLIT_DIR / "cifarfs" / f"{s}.txt").read_text().splitlines() if line.strip()]
+    coarse_of = {fine: coarse for coarse, fine in pairs}
+    return sorted(coarse_of), sorted(set(coarse_of.values())), coarse_of
+
+
+def cifar100_python(root: Path, train_per_class: int = 8, test_per_class: int = 2, seed: int = 0,
+                    archive: bool = False) -> Path:
+    """root/cifar-100-python/{train,test,meta} as CIFAR-100's authors pickled them (bytes keys, `data` uint8
+    [N, 3072] channel-major rows, `fine_labels`, `coarse_labels`), fewer images per class; or, with `archive`,
+    root/cifar-100-python.tar.gz holding that folder. Each class is a colour and a pattern plus noise. Returns root."""
+    import io
+    import tarfile
+
+    fine_names, coarse_names, coarse_of = cifar100_names()
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, size=(100, 3, 32, 32))
+    blobs = {}
+    for part, per in (("train", train_per_class), ("test", test_per_class)):
+        labels = np.repeat(np.arange(100), per)
+        rng.shuffle(labels)
+        noise = rng.integers(-40, 41, size=(len(labels), 3, 32, 32))
+        data = np.clip(base[labels] + noise, 0, 255).astype(np.uint8).reshape(len(labels), 3072)
+        blobs[part] = pickle.dumps({b"batch_label": part.encode(), b"filenames": [f"{i}.png".encode() for i in range(len(labels))],
+                                    b"data": data, b"fine_labels": labels.tolist(),
+                                    b"coarse_labels": [coarse_names.index(coarse_of[fine_names[f]]) for f in labels]})
+    blobs["meta"] = pickle.dumps({b"fine_label_names": [n.encode() for n in fine_names],
+                                  b"coarse_label_names": [n.encode() for n in coarse_names]})
+    root.mkdir(parents=True, exist_ok=True)
+    if archive:
+        with tarfile.open(root / "cifar-100-python.tar.gz", "w:gz") as tar:
+            for name, blob in blobs.items():
+                info = tarfile.TarInfo(f"cifar-100-python/{name}")
+                info.size = len(blob)
+                tar.addfile(info, io.BytesIO(blob))
+        return root
+    (root / "cifar-100-python").mkdir(exist_ok=True)
+    for name, blob in blobs.items():
+        (root / "cifar-100-python" / name).write_bytes(blob)
+    return root
+
+
 # running the command -----------------------------------------------------------------------------------
 
 def metarun_command() -> list[str]:

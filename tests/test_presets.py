@@ -23,7 +23,8 @@ from omegaconf import OmegaConf
 
 from metarun.config import config_dir, validate
 from tests.conftest import run_metarun
-from tests.image_fixtures import finish, mini_cache_pickles, mini_classes, omniglot_tree, start_metarun
+from tests.image_fixtures import (cifar100_python, finish, mini_cache_pickles, mini_classes, omniglot_tree,
+                                  start_metarun)
 
 PRESETS = sorted(p.stem for p in (config_dir() / "experiment").glob("*.yaml"))
 # Enough classes for the presets' episodes: 20-way validation and testing, 60-way ProtoNet training
@@ -139,6 +140,9 @@ def smoke_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[int,
                      "benchmark.split_scheme=lake", *OMNIGLOT_TINY],
         "miniimagenet": [f"benchmark.root={mini_cache_pickles(work / 'miniimagenet', classes=MINI, per_class=MINI_PER_CLASS)}", *TINY],
     }
+    # CIFAR-100 with 24 images per class: MetaOptNet's FC100 training episodes take 15 shots + 6 queries
+    cifar = f"benchmark.root={cifar100_python(work / 'cifar100', train_per_class=20, test_per_class=4)}"
+    data["cifarfs"] = data["fc100"] = [cifar, *TINY]
     groups: dict[str, list[str]] = {}
     for preset in SMOKE_PRESETS:
         if preset not in OWN_FIXTURE | NEEDS_MUJOCO:
