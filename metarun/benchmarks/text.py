@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from metarun.benchmarks.base import SPLITS, Benchmark, TaskSpec
+from metarun.benchmarks.base import SPLITS, Benchmark, TaskSpec, check_positive
 from metarun.benchmarks.store import cached_store
 from metarun.benchmarks.text_source import TextSource, read_source
 from metarun.defaults import option_defaults
@@ -153,11 +153,9 @@ class TextBenchmark(Benchmark):
         from metarun.console import console
         from metarun.models.hf import load_tokenizer
 
-        for key, value in (("ways", ways), ("shots", shots), ("queries", queries), ("max_length", max_length)):
-            if value is None and key == "max_length":
-                raise UserInputError("benchmark.max_length is not set: it follows model.max_length with model=hf")
-            if value < 1:
-                raise UserInputError(f"benchmark.{key} must be a positive integer (got {value})")
+        if max_length is None:
+            raise UserInputError("benchmark.max_length is not set: it follows model.max_length with model=hf")
+        check_positive(ways=ways, shots=shots, queries=queries, max_length=max_length)
         if not tokenizer:
             raise UserInputError("benchmark=text tokenises with the model's tokenizer: use model=hf "
                                  "model.name_or_path=<model directory or cached id> (or set benchmark.tokenizer)")
