@@ -198,19 +198,40 @@ def test_modulate_applies_one_scale_and_shift_per_task() -> None:
     assert torch.equal(out[1, 2], scale[1] + 0.5) and torch.equal(modulate(h, scale, None)[0, 0], scale[0])
 
 
-def test_other_backbones_are_modulated_on_their_features_for_classification() -> None:
-    """Conv-4 exposes input -> features only: FiLM before the head; the encoder reads pixels and one-hot labels."""
+def test_film_by_hand_on_every_conv4_block() -> None:
+    """Conv-4's forward with a modulation: block i's BatchNorm output h -> h * scale_i + shift_i before the ReLU;
+    none is the plain network. A zero scale at the last block leaves relu(shift) in every position."""
+    torch.manual_seed(0)
+    net = ConvNet((1, 16, 16), filters=3).double()
+    x = torch.rand(4, 1, 16, 16, dtype=torch.float64)
+    ones = [(torch.ones(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)) for _ in range(4)]
+    torch.testing.assert_close(net(x, ones), net(x), rtol=0, atol=0)
+    shift = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
+    last = [*ones[:3], (torch.zeros(3, dtype=torch.float64), shift)]
+    want = torch.relu(shift).repeat_interleave(net.out_features // 3).expand(4, -1)
+    torch.testing.assert_close(net(x, last), want)
+    first = [(torch.full((3,), 2.0, dtype=torch.float64), None), *ones[1:]]
+    block = net.blocks[0]
+    h = block.finish(2.0 * block.norm(block.conv(x)))
+    for b in net.blocks[1:]:
+        h = b(h)
+    torch.testing.assert_close(net(x, first), h.flatten(start_dim=1))
+
+
+def test_conv4_is_modulated_per_block_for_classification() -> None:
+    """Conv-4: FiLM after every block; the encoder reads pixels and one-hot labels."""
     torch.manual_seed(0)
     spec = TaskSpec(name="toy", kind="classification", input_shape=(1, 16, 16), output_size=3, ways=3, shots=1,
                     queries=2)
     model = MMAML(ConvNet(spec.input_shape, filters=4), spec, inner_steps=1, inner_lr=0.1, embedding_dim=8,
                   encoder_heads=2)
-    assert model.widths == [model.backbone.out_features]
+    assert model.widths == [4, 4, 4, 4] and len(model.modulation) == 4
     labels = torch.arange(3).expand(2, -1)
     batch = TaskBatch(torch.rand(2, 3, 1, 16, 16), labels, torch.rand(2, 6, 1, 16, 16), labels.repeat(1, 2))
     loss, metrics = model.meta_loss(batch)
     loss.backward()
     assert "accuracy" in metrics and model.encoder.pairs[0].weight.grad.abs().max() > 0
+    assert all(layer.weight.grad.abs().max() > 0 for layer in model.modulation)  # every block's FiLM is learned
     assert set(model.evaluate(batch)) >= {"accuracy", "accuracy@0", "accuracy@1"}
 
 
@@ -256,3 +277,38 @@ def test_tiny_training_run_in_process_reports_per_mode_metrics(extra: list[str],
     assert len(scores["mse"]) == 12 and len(scores["mse/tanh"]) == per_mode["mse/tanh"]["tasks"]
     if not extra:  # the embedding picture went to TensorBoard with the validation
         assert list((isolated / "tb").glob("events.*"))
+
+
+def test_conv4_batched_meta_gradient_matches_the_per_task_loop() -> None:
+    """Per-block FiLM under the batched inner loop (second order) against one task at a time, float64."""
+    from torch.func import functional_call
+
+    torch.manual_seed(0)
+    spec = TaskSpec(name="toy", kind="classification", input_shape=(1, 16, 16), output_size=3, ways=3, shots=2,
+                    queries=2)
+    model = MMAML(ConvNet(spec.input_shape, filters=3), spec, inner_steps=2, inner_lr=0.1, embedding_dim=8,
+                  encoder_heads=2).double()
+    labels = torch.arange(3).repeat_interleave(2).expand(3, -1)
+    batch = TaskBatch(torch.rand(3, 6, 1, 16, 16, dtype=torch.float64), labels,
+                      torch.rand(3, 6, 1, 16, 16, dtype=torch.float64), labels)
+    got = batched_meta_gradient(model, batch)
+    total = torch.zeros((), dtype=torch.float64)
+    for t in range(batch.num_tasks):
+        film = [(s[0], b[0]) for s, b in model.film(model.task_embedding(batch.slice(t, t + 1)))]
+
+        def forward(p: dict[str, Tensor], x: Tensor) -> Tensor:
+            body = {k.removeprefix("backbone."): v for k, v in p.items() if k.startswith("backbone.")}
+            h = functional_call(model.backbone, body, (x,), {"modulation": film})
+            return F.linear(h, p["head.weight"], p["head.bias"])
+
+        fast = dict(model.net.named_parameters())
+        for _ in range(model.inner_steps):
+            loss = F.cross_entropy(forward(fast, batch.support_x[t]), batch.support_y[t])
+            grads = torch.autograd.grad(loss, list(fast.values()), create_graph=True)
+            grads = [g.clamp(-model.inner_grad_clip, model.inner_grad_clip) for g in grads]
+            fast = {n: p - model.inner_lr * g for (n, p), g in zip(fast.items(), grads)}
+        total = total + F.cross_entropy(forward(fast, batch.query_x[t]), batch.query_y[t])
+    learned = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    want = dict(zip(learned, torch.autograd.grad(total / batch.num_tasks, list(learned.values()))))
+    for name in learned:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-8, atol=1e-10, msg=name)

@@ -12,9 +12,10 @@ the forward passes are batched matrix products over the task dimension (the enco
 recurrent pass over [T, S, features]), and the inner gradients are one autograd.grad of the summed support
 losses. tests/test_mmaml.py checks the meta-gradient against a per-task loop in float64.
 
-Task network: FiLM after every Linear of model=mlp (before its ReLU), as the authors' code; other backbones
-(Conv-4, ResNet-12, Transformer) expose only input -> features (models/base.py), so they are modulated on
-those features, before the head (one FiLM layer). The encoder reads raw inputs (flattened) and targets, or
+Task network: FiLM after every Linear of model=mlp (before its ReLU), as the authors' code, and after every
+BatchNorm of model=cnn (per channel, before the ReLU: the paper's convolutional task network; Conv-4's forward
+takes the modulation, under vmap per task); other backbones (ResNet-12, Transformer) expose only input ->
+features (models/base.py), so they are modulated on those features, before the head (one FiLM layer). The encoder reads raw inputs (flattened) and targets, or
 one-hot labels for classification.
 
 `oracle: true` is the paper's Multi-MAML baseline: one MAML network per mode, each task adapting the network
@@ -34,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from metarun.algorithms.base import MetaAlgorithm, batch_metrics, task_losses
 from metarun.algorithms.maml import submodule_params
@@ -44,7 +46,9 @@ from metarun.episodes import TaskBatch
 from metarun.errors import UserInputError
 from metarun.models import per_task
 from metarun.models.base import Backbone
+from metarun.models.cnn import ConvNet
 from metarun.models.mlp import MLP
+from metarun.vmap import over_tasks
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -170,10 +174,16 @@ class MMAML(nn.Module, MetaAlgorithm):
         self.inner_grad_clip = inner_grad_clip
         self.modulation_kind = modulation
         self.oracle = oracle
-        # FiLM after every Linear of an MLP; on the output features of any other backbone
+        # FiLM after every Linear of an MLP and every block of Conv-4 (after its BatchNorm, before the ReLU, as the
+        # paper's convolutional task network); on the output features of any other backbone
         self.per_layer = isinstance(backbone, MLP)
-        self.widths = ([layer.out_features for layer in backbone.layers if isinstance(layer, nn.Linear)]
-                       if self.per_layer else [backbone.out_features])
+        self.per_block = isinstance(backbone, ConvNet)
+        if self.per_layer:
+            self.widths = [layer.out_features for layer in backbone.layers if isinstance(layer, nn.Linear)]
+        elif self.per_block:
+            self.widths = backbone.modulated_widths()
+        else:
+            self.widths = [backbone.out_features]
         self.encoder: SupportEncoder | None = None
         self.modulation: nn.ModuleList | None = None
         self.mode_params: nn.ParameterDict | None = None
@@ -253,6 +263,10 @@ class MMAML(nn.Module, MetaAlgorithm):
                     h = torch.relu(h)
                 else:  # the Flatten of image inputs, shifted by the task dimension
                     h = h.flatten(start_dim=2)
+        elif self.per_block and modulation is not None:
+            backbone, buffers = self.backbone, dict(self.backbone.named_buffers())  # type: ignore[attr-defined]
+            h = over_tasks(lambda p, xt, film: functional_call(backbone, (p, buffers), (xt,), {"modulation": film}))(
+                submodule_params(params, "backbone."), x, modulation)
         else:
             h = self.backbone.forward_per_task(submodule_params(params, "backbone."), x)
             if modulation is not None:

@@ -98,8 +98,14 @@ class ConvBlock(nn.Module):
         self.norm = TaskBatchNorm(out_channels, bn, momentum) if bn != "none" else None
         self.pool = stride == 1
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.finish(self.norm(self.conv(x)) if self.norm is not None else self.conv(x))
+    def forward(self, x: Tensor, film: tuple[Tensor, Tensor | None] | None = None) -> Tensor:
+        """`film` (scale [C], shift [C] or None): FiLM after the normalisation, before the ReLU (MMAML's
+        task-aware modulation of each convolutional block, Vuorio et al. 2019)."""
+        h = self.norm(self.conv(x)) if self.norm is not None else self.conv(x)
+        if film is not None:
+            scale, shift = film
+            h = h * scale[:, None, None] if shift is None else torch.addcmul(shift[:, None, None], h, scale[:, None, None])
+        return self.finish(h)
 
     def finish(self, x: Tensor) -> Tensor:
         x = F.relu(x)
@@ -150,8 +156,17 @@ class ConvNet(nn.Module, Backbone):
         self.bn = bn
         self.out_features = filters * height * width
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.blocks(x).flatten(start_dim=-3)
+    def forward(self, x: Tensor, modulation: Sequence[tuple[Tensor, Tensor | None]] | None = None) -> Tensor:
+        """`modulation`: one (scale, shift) per block, over its channels (MMAML); None: the plain network."""
+        if modulation is None:
+            return self.blocks(x).flatten(start_dim=-3)
+        for block, film in zip(self.blocks, modulation, strict=True):
+            x = block(x, film)
+        return x.flatten(start_dim=-3)
+
+    def modulated_widths(self) -> list[int]:
+        """The channels of each block, which a task-aware modulation (MMAML's FiLM) scales and shifts."""
+        return [block.conv.out_channels for block in self.blocks]
 
     def _layer_moments(self, x: Tensor) -> list[tuple[Tensor, Tensor]]:
         """One task's training-mode forward pass, returning each BatchNorm's (mean, unbiased variance)."""
