@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from metarun.benchmarks.verify import Report
 
 USAGE = """\
-usage: metarun data <download|verify> <omniglot|miniimagenet|cifar100> [key=value ...]
+usage: metarun data <download|verify> <omniglot|miniimagenet|cifar100|cub> [key=value ...]
 
   download omniglot [root=PATH] [mirror=URL]
       fetch images_background.zip and images_evaluation.zip from brendenlake/omniglot (md5-checked,
@@ -29,16 +29,20 @@ usage: metarun data <download|verify> <omniglot|miniimagenet|cifar100> [key=valu
   download cifar100 [root=PATH] [mirror=URL]
       fetch cifar-100-python.tar.gz from the authors' site (md5-checked, resumable) into PATH; benchmark=cifarfs
       and benchmark=fc100 read it as it is
+  download cub [root=PATH] [mirror=URL]
+      fetch CUB_200_2011.tgz from Caltech's data repository (md5-checked, resumable) and unpack it into PATH
+      (benchmark=cub reads PATH/CUB_200_2011/images)
   verify omniglot [root=PATH] [split_scheme=vinyals|lake|random] [split_seed=0] [workers=2]
   verify miniimagenet [root=PATH] [workers=2]
   verify cifar100 [root=PATH]
+  verify cub [root=PATH]
       count classes and images per split, check archive checksums, decode every image;
       exit status 2 when something is wrong
 
 root defaults to $METARUN_DATA/<dataset>, else ./data/<dataset>: the default of benchmark.root."""
 
 ACTIONS = ("download", "verify")
-DATASETS = ("omniglot", "miniimagenet", "cifar100")
+DATASETS = ("omniglot", "miniimagenet", "cifar100", "cub")
 OPTIONS = {
     ("download", "omniglot"): ("root", "mirror"),
     ("download", "miniimagenet"): ("root",),
@@ -46,6 +50,8 @@ OPTIONS = {
     ("verify", "miniimagenet"): ("root", "workers"),
     ("download", "cifar100"): ("root", "mirror"),
     ("verify", "cifar100"): ("root",),
+    ("download", "cub"): ("root", "mirror"),
+    ("verify", "cub"): ("root",),
 }
 INT_OPTIONS = ("split_seed", "workers")
 MINI_HOWTO = """\
@@ -127,9 +133,14 @@ def run(action: str, dataset: str, options: dict[str, str | int]) -> bool:
         if dataset == "cifar100":
             download_cifar100(root, str(options.get("mirror", "")) or None)
             return True
+        if dataset == "cub":
+            download_cub(root, str(options.get("mirror", "")) or None)
+            return True
         return explain_miniimagenet(root)
     if dataset == "cifar100":
         return verify_cifar100(root)
+    if dataset == "cub":
+        return verify_cub(root)
     from metarun.benchmarks import verify
 
     workers = int(options.get("workers", 2))
@@ -199,6 +210,42 @@ def verify_cifar100(root: Path) -> bool:
 
         print_error(f"classes hold different numbers of images ({'/'.join(map(str, uneven))}); CIFAR-100 has 600 each")
         return False
+    console.print("[bold green]ok[/]")
+    return True
+
+
+CUB_ARCHIVE = "CUB_200_2011.tgz"
+CUB_URL_BASE = "https://data.caltech.edu/records/65de6-vp158/files"  # Caltech's data repository (Wah et al. 2011)
+CUB_MD5 = "97eceeb196236b17998738112f37df78"
+
+
+def download_cub(root: Path, mirror: str | None) -> None:
+    """The archive into root, verified, unpacked to root/CUB_200_2011/ (benchmark=cub reads its images/)."""
+    from metarun.benchmarks.download import download, extract_tar
+    from metarun.console import console
+
+    if (root / "CUB_200_2011" / "images").is_dir():
+        console.print(f"{root / 'CUB_200_2011'} already present; skipped (check it: metarun data verify cub root={root})")
+        return
+    base = (mirror or CUB_URL_BASE).rstrip("/")
+    manual = f"offline? fetch {CUB_URL_BASE}/{CUB_ARCHIVE} by hand into {root}/ and run this command again"
+    archive = download(f"{base}/{CUB_ARCHIVE}", root / CUB_ARCHIVE, CUB_MD5, manual)
+    extract_tar(archive, root, "CUB_200_2011")
+    console.print(f"{CUB_ARCHIVE}: md5 ok, unpacked; metarun train benchmark=cub "
+                  f"benchmark.root={root / 'CUB_200_2011' / 'images'}")
+
+
+def verify_cub(root: Path) -> bool:
+    """The class folders against the shipped split (Chen et al.): classes and images per split."""
+    from metarun.benchmarks.layouts import detect
+    from metarun.console import console
+
+    images = root / "CUB_200_2011" / "images" if (root / "CUB_200_2011").is_dir() else root
+    source = detect(images, "class-folders", "cub")
+    for split, classes in source.classes.items():
+        counts = [len(refs) for _, refs in classes]
+        console.print(f"{split}: {len(classes)} classes, {sum(counts)} images ({min(counts)}-{max(counts)} per class)",
+                      highlight=False)
     console.print("[bold green]ok[/]")
     return True
 

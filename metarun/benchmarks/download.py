@@ -103,3 +103,34 @@ def extract(archive: Path, into: Path, top: str) -> Path:
     os.replace(staging / top, final)
     shutil.rmtree(staging, ignore_errors=True)
     return final
+
+
+def extract_tar(archive: Path, into: Path, top: str) -> Path:
+    """Unpack the members of a .tar/.tgz under `top/` to `into/top` (others, such as CUB's attributes.txt beside
+    its folder, are skipped), through a temporary folder renamed at the end; refuses unsafe member paths and
+    links."""
+    import tarfile
+
+    final = into / top
+    staging = into / f".{top}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        with tarfile.open(archive) as handle:
+            members = []
+            for member in handle.getmembers():
+                path = PurePosixPath(member.name)
+                if path.is_absolute() or ".." in path.parts:
+                    raise UserInputError(f"{archive} holds an unsafe member {member.name!r}")
+                if path.parts and path.parts[0] == top and (member.isfile() or member.isdir()):
+                    members.append(member)
+            if not members:
+                raise UserInputError(f"{archive} holds nothing under {top}/")
+            safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # Python >= 3.11.4
+            handle.extractall(staging, members=members, **safe)
+    except (tarfile.TarError, OSError, EOFError) as ex:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise UserInputError(f"cannot unpack {archive}: {ex}") from None
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(staging / top, final)
+    shutil.rmtree(staging, ignore_errors=True)
+    return final

@@ -37,6 +37,10 @@ LOOKED_FOR = ("train/ val/ test/ folders of <class>/<images>; train.csv val.csv 
 
 
 Classes = list[tuple[str, list[ImageRef]]]  # (class name, its images), in store order
+# class lists shipped with the package (metarun/benchmarks/splits/<name>/, each with its origin and license):
+# benchmark.splits=<name> uses them
+SHIPPED_SPLITS = ("cub",)
+SPLIT_DIR = Path(__file__).parent / "splits"
 
 
 def image_suffixes() -> frozenset[str]:
@@ -131,6 +135,9 @@ def _class_folders(base: Path, suffixes: frozenset[str], splits: str | None,
     classes = dict(_class_dirs(base, suffixes))
     if not classes:
         raise UserInputError(f"no class folders of images under {base}; looked for {LOOKED_FOR}")
+    if splits in SHIPPED_SPLITS:
+        return FolderSource(base, "class-folders", _listed_split(base, classes, SPLIT_DIR / splits),
+                            detail=f"the shipped {splits} class split")
     if splits is not None:
         return FolderSource(base, "class-folders", _listed_split(base, classes, Path(splits).expanduser()),
                             detail=f"split by the class lists in {splits}")
