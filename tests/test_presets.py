@@ -55,6 +55,12 @@ EPISODE_SHAPE = re.compile(r"_\d+w\d+s$")
 PAPER_SOURCE = re.compile(r"^[A-Z][A-Za-z&. ]+ (et al\. )?\d{4}, (Table|Figure) \d+\b")
 
 
+def has_transformers() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("transformers") is not None
+
+
 def composed(preset: str) -> OmegaConf:
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
@@ -143,9 +149,17 @@ def smoke_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[int,
     # CIFAR-100 with 24 images per class: MetaOptNet's FC100 training episodes take 15 shots + 6 queries
     cifar = f"benchmark.root={cifar100_python(work / 'cifar100', train_per_class=20, test_per_class=4)}"
     data["cifarfs"] = data["fc100"] = [cifar, *TINY]
+    if has_transformers():  # FewRel: a tiny saved encoder and FewRel-format files with 10-way episodes of 5 + 5
+        from tests.hf_fixtures import TOPICS, save_tiny_model, write_fewrel
+
+        topics = [list(TOPICS)[i % len(TOPICS)] for i in range(12)]
+        for name in ("train_wiki.json", "val_wiki.json"):
+            write_fewrel(work / "fewrel", topics, name, per_class=10)
+        data["text"] = [f"benchmark.root={work / 'fewrel'}", f"model.name_or_path={save_tiny_model(work / 'tiny')}",
+                        "model.max_length=16"]
     groups: dict[str, list[str]] = {}
     for preset in SMOKE_PRESETS:
-        if preset not in OWN_FIXTURE | NEEDS_MUJOCO:
+        if preset not in OWN_FIXTURE | NEEDS_MUJOCO and benchmark_of(preset) in data:
             groups.setdefault(benchmark_of(preset), []).append(preset)
     env = {"METARUN_CACHE": str(work / "cache"), "OMP_NUM_THREADS": "1"}
     # benchmark= given too: the sweep's overrides (benchmark.image_size) must fit before an experiment is chosen
@@ -189,6 +203,8 @@ def test_every_preset_family_has_a_smoke_run() -> None:
 
 @pytest.mark.parametrize("preset", sorted(set(SMOKE_PRESETS) - OWN_FIXTURE - NEEDS_MUJOCO))
 def test_preset_trains_and_tests_on_a_fixture(preset: str, smoke_runs: dict[str, tuple[int, str, Path]]) -> None:
+    if benchmark_of(preset) == "text" and not has_transformers():
+        pytest.skip('benchmark=text needs the nlp extra: pip install ".[nlp]"')
     returncode, stderr, run_dir = smoke_runs[preset]
     results = run_dir / "results.json"
     assert results.is_file(), f"{preset}: no results.json (exit {returncode}): {stderr}"
