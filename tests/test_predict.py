@@ -8,7 +8,6 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,12 +29,7 @@ ALGOS = sorted(p.stem for p in (config_dir() / "algo").glob("*.yaml"))
 CLASSIFIERS = [a for a in ALGOS if "classification" in get_class(option_node("algo", a)._target_).supports]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build(algo: str) -> MetaAlgorithm:

@@ -99,6 +99,11 @@ def extract(archive: Path, into: Path, top: str) -> Path:
     except (zipfile.BadZipFile, OSError) as ex:
         shutil.rmtree(staging, ignore_errors=True)
         raise UserInputError(f"cannot unpack {archive}: {ex}") from None
+    return _install(staging, final, top)
+
+
+def _install(staging: Path, final: Path, top: str) -> Path:
+    """The unpacked `staging/top` becomes `final` in one rename (replacing an older copy); staging goes."""
     shutil.rmtree(final, ignore_errors=True)
     os.replace(staging / top, final)
     shutil.rmtree(staging, ignore_errors=True)
@@ -130,7 +135,4 @@ def extract_tar(archive: Path, into: Path, top: str) -> Path:
     except (tarfile.TarError, OSError, EOFError) as ex:
         shutil.rmtree(staging, ignore_errors=True)
         raise UserInputError(f"cannot unpack {archive}: {ex}") from None
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(staging / top, final)
-    shutil.rmtree(staging, ignore_errors=True)
-    return final
+    return _install(staging, final, top)
