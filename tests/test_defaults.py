@@ -52,7 +52,8 @@ def test_the_trainer_schema_declares_exactly_the_keys_of_the_trainer_file_and_ho
     assert fields == {*trainer_file.keys(), "optimizer"} - {"defaults"}
     for schema in (TrainerSchema, RunSchema):
         for f in dataclasses.fields(schema):
-            optional_key = f.name in ("split", "paper", "reference")  # keys only some configs have; None = absent
+            # keys only some configs have (eval's split, predict's support/query/output, presets' figures); None = absent
+            optional_key = f.name in ("split", "support", "query", "output", "paper", "reference")
             assert (f.default is dataclasses.MISSING) != optional_key, f"{schema.__name__}.{f.name} holds a value"
 
 
