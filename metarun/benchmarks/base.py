@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence, Sized
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
@@ -110,6 +110,16 @@ def task_pool(benchmark: Benchmark, split: str, num_tasks: int, base_seed: int) 
     for chunk, start in enumerate(range(0, num_tasks, POOL_CHUNK)):
         generator = torch.Generator().manual_seed(pool_seed(base_seed, split, chunk))
         yield benchmark.sample(split, min(POOL_CHUNK, num_tasks - start), generator)
+
+
+def split_ranges(sizes: Mapping[str, Sized]) -> dict[str, tuple[int, int]]:
+    """[start, stop) of each split's classes in a store that holds the splits' classes one after another, in
+    SPLITS order (`sizes`: each split's classes, or anything whose len() counts them)."""
+    ranges, start = {}, 0
+    for split in SPLITS:
+        ranges[split] = (start, start + len(sizes[split]))
+        start = ranges[split][1]
+    return ranges
 
 
 def check_positive(**options: int) -> None:

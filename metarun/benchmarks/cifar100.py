@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from metarun.benchmarks.augment import Augmentation
-from metarun.benchmarks.base import SPLITS, TaskSpec, check_positive
+from metarun.benchmarks.base import SPLITS, TaskSpec, check_positive, split_ranges
 from metarun.benchmarks.decode import Preprocess
 from metarun.benchmarks.sampler import EpisodeSampler, SamplerBackedBenchmark
 from metarun.benchmarks.store import cached_store
@@ -174,10 +174,7 @@ class Cifar100FewShotBenchmark(SamplerBackedBenchmark):
             return build_store(data, split_classes(scheme, data), image_size)
 
         store, meta, cache_file, hit = cached_store(scheme, listing, settings, build, cache_dir)
-        ranges, start = {}, 0
-        for split in SPLITS:
-            ranges[split] = (start, start + len(meta["classes"][split]))
-            start = ranges[split][1]
+        ranges = split_ranges(meta["classes"])
         self.class_names = [name for split in SPLITS for name in meta["classes"][split]]
         self.sampler = EpisodeSampler(store, ranges, ways, shots, queries, name=scheme,
                                       augment=Augmentation.from_config(augment))

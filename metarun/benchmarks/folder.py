@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from metarun.benchmarks.augment import Augmentation
-from metarun.benchmarks.base import SPLITS, TaskSpec, check_positive
+from metarun.benchmarks.base import SPLITS, TaskSpec, check_positive, split_ranges
 from metarun.benchmarks.decode import DecodeError, ImageRef, Preprocess, decode_into
 from metarun.benchmarks.layouts import FolderSource, detect
 from metarun.benchmarks.sampler import EpisodeSampler, SamplerBackedBenchmark
@@ -90,10 +90,7 @@ class FolderBenchmark(SamplerBackedBenchmark):
             console.print(f"[yellow]{note}", highlight=False, soft_wrap=True)
         self.names = [name for s in SPLITS for name, _ in source.classes[s]]
         counts = torch.tensor([len(files) for s in SPLITS for _, files in source.classes[s]], dtype=torch.long)
-        ranges, start = {}, 0
-        for split in SPLITS:
-            ranges[split] = (start, start + len(source.classes[split]))
-            start = ranges[split][1]
+        ranges = split_ranges(source.classes)
         self.memory_mapped = store.memory_mapped
         self.min_examples = min_examples
         self._counts = counts

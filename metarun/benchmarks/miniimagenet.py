@@ -17,7 +17,7 @@ from PIL import Image
 from torch import Tensor
 
 from metarun.benchmarks.augment import Augmentation
-from metarun.benchmarks.base import SPLITS, TaskSpec, check_positive
+from metarun.benchmarks.base import SPLITS, TaskSpec, check_positive, split_ranges
 from metarun.benchmarks.decode import DecodeError, Preprocess, decode_all, to_array
 from metarun.benchmarks.miniimagenet_source import MiniSource, detect, image_classes, pickle_classes
 from metarun.benchmarks.sampler import EpisodeSampler, SamplerBackedBenchmark
@@ -52,10 +52,7 @@ class MiniImageNetBenchmark(SamplerBackedBenchmark):
         settings = {**prep.as_dict(), "format": source.format}
         store, meta, cache_file, hit = cached_store("miniimagenet", source.listing, settings,
                                                     lambda: build_store(source, prep, decode_workers), cache_dir)
-        ranges, start = {}, 0
-        for split in SPLITS:
-            ranges[split] = (start, start + len(meta["classes"][split]))
-            start = ranges[split][1]
+        ranges = split_ranges(meta["classes"])
         self.sampler = EpisodeSampler(store, ranges, ways, shots, queries, name="miniimagenet",
                                       augment=Augmentation.from_config(augment))
         self.spec = TaskSpec(name="miniimagenet", kind="classification", input_shape=(3, image_size, image_size),

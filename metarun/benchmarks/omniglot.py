@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from metarun.benchmarks.augment import Augmentation
-from metarun.benchmarks.base import SPLITS, TaskSpec, check_positive
+from metarun.benchmarks.base import SPLITS, TaskSpec, check_positive, split_ranges
 from metarun.benchmarks.decode import DecodeError, Preprocess, decode_all
 from metarun.benchmarks.omniglot_source import OmniglotSource, Split, check_archive, locate, make_split
 from metarun.benchmarks.sampler import EpisodeSampler, SamplerBackedBenchmark
@@ -107,8 +107,4 @@ def arrange(base: Tensor, split: Split) -> tuple[Tensor, dict[str, tuple[int, in
     slot = {k: i * base.shape[0] for i, k in enumerate(turns)}
     index = torch.tensor([slot[r // 90] + c for s in SPLITS for c, r in split[s]], dtype=torch.long)
     store = rotated.index_select(0, index)
-    ranges, start = {}, 0
-    for name in SPLITS:
-        ranges[name] = (start, start + len(split[name]))
-        start += len(split[name])
-    return store, ranges
+    return store, split_ranges(split)
