@@ -288,3 +288,32 @@ def test_leo_from_a_protonet_run_keeps_its_backbone_and_running_statistics(tmp_p
         torch.testing.assert_close(after[f"backbone.{key}"], value, rtol=0, atol=0, msg=key)
     results = json.loads((tmp_path / "leo" / "results.json").read_text())
     assert 0.0 <= results["mean"] <= 1.0 and "latent_accuracy" in results["metrics"]
+
+
+def test_a_resumed_leo_run_draws_the_same_samples_as_one_that_never_stopped(tmp_path: Path) -> None:
+    """LEO's Gaussian samples and dropout masks come from the algorithm generator, whose state every checkpoint
+    saves: 3 + 3 steps through last.pt give exactly the metrics and results of 6 steps."""
+    from tests.image_fixtures import finish, start_metarun
+
+    root = omniglot_tree(tmp_path / "omniglot", {f"Alphabet_{c}": 2 for c in "ABCD"}, EVALUATION)
+    common = ["algo=leo", "model=cnn", "benchmark=omniglot", f"benchmark.root={root}", "benchmark.split_scheme=lake",
+              "benchmark.image_size=16", "benchmark.queries=2", "debug=smoke", "trainer.meta_batch_size=3",
+              "trainer.eval_every=3", "trainer.checkpoint_every=3", "trainer.log_every=1", "logger.console=false",
+              "logger.tensorboard=false", f"benchmark.cache_dir={tmp_path / 'cache'}"]
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    runs = [start_metarun("train", *common, "trainer.steps=6", f"hydra.run.dir={whole}", cwd=tmp_path),
+            start_metarun("train", *common, "trainer.steps=3", f"hydra.run.dir={part}", cwd=tmp_path)]
+    for run in runs:
+        done = finish(run)
+        assert done.returncode == 0, done.stderr[-2000:]
+    resumed = run_metarun("train", *common, "trainer.steps=6", f"ckpt_path={part / 'checkpoints' / 'last.pt'}",
+                          cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+
+    def rows(run_dir: Path) -> list[dict]:
+        return [{k: v for k, v in json.loads(line).items() if k != "time"}
+                for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+    assert rows(whole) == rows(part) and any("train/kl" in row for row in rows(whole))
+    a, b = (json.loads((d / "results.json").read_text()) for d in (whole, part))
+    assert {k: v for k, v in a.items() if k != "train_seconds"} == {k: v for k, v in b.items() if k != "train_seconds"}
