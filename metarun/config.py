@@ -59,7 +59,8 @@ class TrainerSettings:
     grad_clip_per_tensor: bool
     grad_clip_value: Optional[float]  # clip each gradient entry to [-v, v] first (LEO's code: 0.1)
     task_chunk: Optional[int]  # tasks per forward/backward; None: auto (metarun/runtime.py)
-    on_nan: str  # "stop": one-line error naming the step; "skip": drop the batch and count it
+    on_nan: str  # "stop": one-line error naming the step; "skip": drop the batch and count it; "fallback": skip it
+    # and step on the algorithm's nan_fallback_loss (LEO: its L2 penalty alone, as the paper's code)
 
 
 @dataclass
@@ -125,8 +126,8 @@ def validate(cfg: DictConfig) -> DictConfig:
         node = typed.trainer[name]
         if node is not None:
             typed.trainer[name] = _check_target_node(node, f"trainer.{name}")
-    if typed.trainer.on_nan not in ("stop", "skip"):
-        raise UserInputError(f"trainer.on_nan must be 'stop' or 'skip' (got '{typed.trainer.on_nan}')")
+    if typed.trainer.on_nan not in ("stop", "skip", "fallback"):
+        raise UserInputError(f"trainer.on_nan must be 'stop', 'skip' or 'fallback' (got '{typed.trainer.on_nan}')")
     for key in ("grad_clip", "grad_clip_value"):
         value = typed.trainer[key]
         if value is not None and not value > 0:

@@ -185,6 +185,8 @@ class EpisodicTrainer:
             if not bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):
                 updates.close()
                 self._on_nonfinite(float(loss), float(grad_norm))
+                if self.s.on_nan == "fallback":
+                    self._step_on_fallback()
                 return None
             if not norms and self._backbone_trains:
                 # normalisation statistics (model.bn=inductive) move once per step, from the step's tasks; a
@@ -241,10 +243,23 @@ class EpisodicTrainer:
                 torch.nn.utils.clip_grad_norm_(params, self.s.grad_clip)
         return norm
 
+    def _step_on_fallback(self) -> None:
+        """on_nan=fallback: one optimizer step on the algorithm's fallback loss (its gradient clipped as usual), or
+        nothing when it has none. The training step is not counted, as a skipped batch is not."""
+        fallback = self.algorithm.nan_fallback_loss()
+        if fallback is None or isinstance(self.optimizer, TrustRegionOptimizer):
+            return
+        self.optimizer.zero_grad(set_to_none=True)
+        fallback.backward()
+        self.dist.average_gradients(self.algorithm.parameters())
+        if bool(torch.isfinite(self._grad_norm())):
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
     def _on_nonfinite(self, loss: float, grad_norm: float) -> None:
         """NaN/inf in the loss or gradients: stop with one line, or skip the batch (trainer.on_nan=skip)."""
         what = f"meta-loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
-        if self.s.on_nan != "skip":
+        if self.s.on_nan == "stop":
             raise NonFiniteLoss(f"{what} at step {self.step + 1}; last good checkpoint: {self._last_path_or_none()} "
                                 f"(lower the learning rate, set trainer.grad_clip, or trainer.on_nan=skip)")
         self.optimizer.zero_grad(set_to_none=True)

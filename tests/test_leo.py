@@ -317,3 +317,21 @@ def test_a_resumed_leo_run_draws_the_same_samples_as_one_that_never_stopped(tmp_
     assert rows(whole) == rows(part) and any("train/kl" in row for row in rows(whole))
     a, b = (json.loads((d / "results.json").read_text()) for d in (whole, part))
     assert {k: v for k, v in a.items() if k != "train_seconds"} == {k: v for k, v in b.items() if k != "train_seconds"}
+
+
+def test_a_nan_batch_falls_back_to_a_step_on_the_l2_penalty_alone() -> None:
+    """trainer.on_nan=fallback (the LEO pair files): the optimizer steps on nan_fallback_loss, 1e-4 x the L2
+    penalty, as deepmind/leo's grads_and_vars: each penalised weight W moves by -lr x 1e-4 x W, nothing else moves."""
+    net = make().float()
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    optimizer = torch.optim.SGD(net.parameters(), lr=10.0)
+    settings = SimpleNamespace(grad_clip=None, grad_clip_value=None, grad_clip_per_tensor=False)
+    trainer = SimpleNamespace(algorithm=net, optimizer=optimizer, s=settings, dist=SimpleNamespace(
+        average_gradients=lambda params: None))
+    trainer._grad_norm = lambda: EpisodicTrainer._grad_norm(trainer)  # type: ignore[attr-defined]
+    EpisodicTrainer._step_on_fallback(trainer)  # type: ignore[arg-type]
+    penalised = {id(w) for w in net.penalised_weights()}
+    for name, p in net.named_parameters():
+        want = before[name] * (1 - 10.0 * 1e-4) if id(p) in penalised else before[name]
+        torch.testing.assert_close(p.detach(), want, rtol=1e-6, atol=0, msg=name)
+    assert all(p.grad is None for p in net.parameters())  # nothing left for the next step

@@ -81,8 +81,9 @@ def _expected_skips_by_step() -> dict[int, int]:
     return expected
 
 
-def test_skip_trains_to_the_end_and_counts_the_skipped_batches(poisoned: list[str], tmp_path: Path) -> None:
-    _train("trainer.on_nan=skip")
+@pytest.mark.parametrize("mode", ["skip", "fallback"])  # MAML has no fallback loss: fallback skips as skip does
+def test_skip_trains_to_the_end_and_counts_the_skipped_batches(poisoned: list[str], tmp_path: Path, mode: str) -> None:
+    _train(f"trainer.on_nan={mode}")
     expected = _expected_skips_by_step()
     assert poisoned.count("ok") == STEPS and poisoned.count("nan") == expected[STEPS] == 3, poisoned
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

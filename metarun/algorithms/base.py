@@ -70,6 +70,12 @@ class MetaAlgorithm(Protocol):
         uses the generic one."""
         return None
 
+    def nan_fallback_loss(self) -> Tensor | None:
+        """A loss the trainer steps on instead of a non-finite meta-loss (trainer.on_nan=fallback): LEO's code
+        steps on 1e-4 x its L2 penalty, which pulls the weights back to where the loss is defined. Default None:
+        the batch is skipped, as with on_nan=skip."""
+        return None
+
     def query_scores(self, batch: TaskBatch) -> Tensor:
         """[T, Q, N] class scores of each query after the learner has adapted to its task's support set: their
         softmax is its class probabilities and their argmax the label `evaluate` scores (`metarun predict` reads

@@ -34,9 +34,9 @@ null freezes it exactly when `init_from` is given: no gradient, eval mode, no ru
 trainer skips those for a backbone whose parameters are all frozen). Otherwise it trains jointly with LEO.
 The paper's outer-loop settings are trainer settings. Gradients are clipped element-wise at 0.1
 (trainer.grad_clip_value) and then per tensor to norm 0.1 (trainer.grad_clip with trainer.grad_clip_per_tensor).
-Adam runs at lr 1e-4 with 12 tasks per step. The pair files (algo_benchmark/leo_*.yaml) set these. Where the
-paper's code replaces a NaN gradient by the L2 penalty's alone, the pair files skip the batch
-(trainer.on_nan=skip).
+Adam runs at lr 1e-4 with 12 tasks per step. The pair files (algo_benchmark/leo_*.yaml) set these, and
+trainer.on_nan=fallback: as the paper's code, a NaN loss or gradient is replaced by the gradient of the L2 penalty
+alone (`nan_fallback_loss`), which shrinks the weights back to where the loss is defined.
 
 The support set need not be laid out by class, and classes may have different numbers of shots: per-class means
 are one-hot products. With K shots per class this is the paper's layout exactly, including one latent sample per
@@ -286,6 +286,11 @@ class LEO(nn.Module, MetaAlgorithm):
         latent = task_losses(self.spec, self.logits(query, adapted.latent_weights.detach(), batch.support_y),
                              batch.query_y)[1]
         return {self.spec.metric: accuracy, "loss": losses, "latent_accuracy": latent}
+
+    def nan_fallback_loss(self) -> Tensor:
+        """The paper's code, on a NaN loss or gradient: the gradient of 1e-4 x sum ||W||^2 / 2 alone (its
+        `1e-4 / l2_penalty_weight` times the weighted penalty), which shrinks the weights towards zero."""
+        return 1e-4 * self.l2_penalty()
 
     def query_scores(self, batch: TaskBatch) -> Tensor:
         support, query = self.features(batch)
