@@ -19,12 +19,9 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from metarun.benchmarks.layouts import image_suffixes
 from metarun.errors import UserInputError
 
-# what Pillow reads and people keep images in, and text (benchmark=text: a .txt file is one example); other files
-# in the folders are ignored, and the benchmark refuses a kind it does not read in one line
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
-EXAMPLE_SUFFIXES = IMAGE_SUFFIXES | {".txt"}
 OUTPUT_SUFFIXES = (".csv", ".json")
 
 
@@ -40,9 +37,13 @@ class SupportSet:
         return len(self.files[0])
 
 
-def image_files(folder: Path) -> list[Path]:
+def example_files(folder: Path) -> list[Path]:
+    """The folder's example files: every suffix Pillow opens (benchmarks/layouts.image_suffixes, what
+    benchmark=folder reads) and .txt (benchmark=text: one example a file); other files are ignored, and a
+    benchmark refuses a kind it does not read in one line."""
+    suffixes = image_suffixes() | {".txt"}
     return sorted(p for p in folder.iterdir()
-                  if p.is_file() and p.suffix.lower() in EXAMPLE_SUFFIXES and not p.name.startswith("."))
+                  if p.is_file() and p.suffix.lower() in suffixes and not p.name.startswith("."))
 
 
 def read_support(path: str | None) -> SupportSet:
@@ -56,11 +57,10 @@ def read_support(path: str | None) -> SupportSet:
     if len(folders) < 2:
         raise UserInputError(f"support={path}: {len(folders)} class folder(s); an episode needs at least 2 "
                              f"(one sub-folder per class, holding its example files)")
-    files = [image_files(folder) for folder in folders]
+    files = [example_files(folder) for folder in folders]
     empty = [folder.name for folder, found in zip(folders, files) if not found]
     if empty:
-        raise UserInputError(f"support={path}: class folder '{empty[0]}' holds no example files "
-                             f"({', '.join(sorted(EXAMPLE_SUFFIXES))})")
+        raise UserInputError(f"support={path}: class folder '{empty[0]}' holds no example files (images or .txt)")
     counts = {folder.name: len(found) for folder, found in zip(folders, files)}
     if len(set(counts.values())) > 1:
         listed = ", ".join(f"{name} {count}" for name, count in counts.items())
@@ -78,9 +78,9 @@ def read_queries(path: str | None) -> list[Path]:
         return [target]
     if not target.is_dir():
         raise UserInputError(f"query={path}: no such file or folder")
-    files = image_files(target)
+    files = example_files(target)
     if not files:
-        raise UserInputError(f"query={path}: the folder holds no example files ({', '.join(sorted(EXAMPLE_SUFFIXES))})")
+        raise UserInputError(f"query={path}: the folder holds no example files (images or .txt)")
     return files
 
 
@@ -138,9 +138,9 @@ def predict(cfg: DictConfig, overrides: list[str], run_dir: Path) -> list[dict[s
 
 def state_ways(ckpt_path: str) -> int | None:
     """The ways the checkpoint's config trained with, when it records them."""
-    from metarun.checkpoint import load_checkpoint
-
     from omegaconf import OmegaConf
+
+    from metarun.checkpoint import load_checkpoint
 
     saved = load_checkpoint(Path(ckpt_path).expanduser()).get("config")
     if saved is None:

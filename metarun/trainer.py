@@ -230,17 +230,15 @@ class EpisodicTrainer:
         each entry to [-grad_clip_value, grad_clip_value] first (when set), then the norm to grad_clip (when
         set): the global norm, or each tensor's own with grad_clip_per_tensor (LEO's code clips both ways)."""
         params = [p for p in self.algorithm.parameters() if p.grad is not None]
-        if self.s.grad_clip_value is None and self.s.grad_clip is not None and not self.s.grad_clip_per_tensor:
-            return torch.nn.utils.clip_grad_norm_(params, self.s.grad_clip)
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         if self.s.grad_clip_value is not None:
             torch.nn.utils.clip_grad_value_(params, self.s.grad_clip_value)
-        if self.s.grad_clip is not None:
-            if self.s.grad_clip_per_tensor:
-                for p in params:
-                    torch.nn.utils.clip_grad_norm_([p], self.s.grad_clip)
-            else:
-                torch.nn.utils.clip_grad_norm_(params, self.s.grad_clip)
+        if self.s.grad_clip is not None and self.s.grad_clip_per_tensor:
+            for p in params:
+                torch.nn.utils.clip_grad_norm_([p], self.s.grad_clip)
+        elif self.s.grad_clip is not None:  # the norm measured above, unless value clipping changed the gradients
+            clipped = norm if self.s.grad_clip_value is None else torch.nn.utils.get_total_norm([p.grad for p in params])
+            torch.nn.utils.clip_grads_with_norm_(params, self.s.grad_clip, clipped)
         return norm
 
     def _step_on_fallback(self) -> None:

@@ -46,7 +46,6 @@ from metarun.episodes import TaskBatch
 from metarun.errors import UserInputError
 from metarun.models import per_task
 from metarun.models.base import Backbone
-from metarun.models.cnn import ConvNet
 from metarun.models.mlp import MLP
 from metarun.vmap import over_tasks
 
@@ -176,14 +175,13 @@ class MMAML(nn.Module, MetaAlgorithm):
         self.oracle = oracle
         # FiLM after every Linear of an MLP and every block of Conv-4 (after its BatchNorm, before the ReLU, as the
         # paper's convolutional task network); on the output features of any other backbone
-        self.per_layer = isinstance(backbone, MLP)
-        self.per_block = isinstance(backbone, ConvNet)
+        self.per_layer = isinstance(backbone, MLP)  # the MLP's batched matrix products (models/per_task.py)
+        inner = None if self.per_layer else backbone.modulated_widths()  # Conv-4: after every block (Backbone hook)
+        self.per_block = inner is not None
         if self.per_layer:
             self.widths = [layer.out_features for layer in backbone.layers if isinstance(layer, nn.Linear)]
-        elif self.per_block:
-            self.widths = backbone.modulated_widths()
         else:
-            self.widths = [backbone.out_features]
+            self.widths = inner if inner is not None else [backbone.out_features]
         self.encoder: SupportEncoder | None = None
         self.modulation: nn.ModuleList | None = None
         self.mode_params: nn.ParameterDict | None = None

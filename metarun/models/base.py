@@ -59,6 +59,12 @@ class Backbone(Protocol):
         buffers = dict(self.named_buffers())
         return over_tasks(lambda p, xt: functional_call(self, (p, buffers), (xt,)))(params, x)
 
+    def modulated_widths(self) -> list[int] | None:
+        """The widths of the layers whose units a task-aware modulation scales and shifts inside the network
+        (MMAML's FiLM), when `forward(x, modulation=[(scale, shift) per layer])` accepts one. Default None: the
+        network is modulated on its output features only."""
+        return None
+
     def set_progress(self, step: int) -> None:
         """Told by the trainer before each training step how many steps are done (0 at the first), for
         regularisers on a schedule (ResNet-12's DropBlock rate rises linearly over its first steps, as the
